@@ -1,0 +1,266 @@
+"""The archiver: finalizes ended calls and publishes them, durably.
+
+Every finished call is a spool directory with ``recording.wav`` and
+``sidecar.json`` until the store has confirmed both objects; only then is the
+directory deleted.  Failed publishes are retried with exponential backoff and
+jitter, without limit, and across restarts (the queue *is* the spool).  At
+start the archiver finalizes calls left by a crash (endReason "recovered") and
+queues every finalized one.
+
+Finalizing and publishing block (disk, network), so they run in a dedicated
+thread pool; the reactor thread only keeps the books.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Callable
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from evrecorder.finalize import SCHEMA, finalize, rfc3339
+from evrecorder.settings import Settings
+from evrecorder.spool import SIDECAR_FILE, WAV_FILE, CallSpool, Spool
+from evrecorder.stores import PublishItem, Store, StoreError
+
+log = Logger()
+
+
+def _load_item(entry: CallSpool) -> tuple[dict, PublishItem]:
+    with open(os.path.join(entry.path, SIDECAR_FILE), encoding="utf-8") as f:
+        sidecar = json.load(f)
+    audio = sidecar["audio"]
+    metadata = sidecar.get("metadata") or {}
+    return sidecar, PublishItem(
+        key=sidecar["key"],
+        wav_path=os.path.join(entry.path, WAV_FILE),
+        wav_sha256=audio["sha256"],
+        wav_size=audio["bytes"],
+        sidecar_for=lambda key: b"",  # set per attempt, with archivedAt
+        object_metadata={
+            "callId": str(sidecar["callId"]),
+            "sessionId": str(sidecar["sessionId"]),
+            "agentId": str(metadata.get("agentId", "")),
+            "schema": SCHEMA,
+        },
+    )
+
+
+class Archiver(service.Service):
+    """Owns finalization and the upload queue.  A Twisted service."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        store: Store,
+        settings: Settings,
+        reactor,
+        run_blocking: Callable[..., defer.Deferred] | None = None,
+    ):
+        self.spool = spool
+        self.store = store
+        self.settings = settings
+        self._reactor = reactor
+        self._pool: ThreadPool | None = None
+        self._run_blocking = run_blocking
+        self._queue: list[CallSpool] = []
+        self._attempts: dict[str, int] = {}
+        self._retries: dict[str, object] = {}
+        self._uploading = 0
+        self._in_flight: set[defer.Deferred] = set()
+        self._idle_waiters: list[defer.Deferred] = []
+        self.archived = 0
+        self.failures = 0
+        self.live_paths: Callable[[], set[str]] = set
+        self._stopping = False
+
+    # -- threads ---------------------------------------------------------
+
+    def _blocking(self, f, *args, **kw) -> defer.Deferred:
+        if self._run_blocking is not None:
+            d = self._run_blocking(f, *args, **kw)
+        else:
+            d = deferToThreadPool(self._reactor, self._pool, f, *args, **kw)
+        self._in_flight.add(d)
+
+        def done(result):
+            self._in_flight.discard(d)
+            self._check_idle()
+            return result
+
+        return d.addBoth(done)
+
+    # -- service ---------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        if self._run_blocking is None:
+            self._pool = ThreadPool(
+                minthreads=1, maxthreads=self.settings.upload_concurrency + 2,
+                name="evrecorder-archive",
+            )
+            self._pool.start()
+        self.spool.prepare()
+        self._blocking(self.store.check).addCallbacks(
+            lambda _: log.info("archive store {store} is ready", store=self.store.describe()),
+            lambda f: log.error(
+                "archive store {store} is not usable: {reason}. Calls are recorded to the "
+                "spool and published once the store works.",
+                store=self.store.describe(), reason=_sentence(f.value),
+            ),
+        )
+        self.recover()
+
+    def recover(self) -> None:
+        """Queue finalized spool entries; finalize the ones a crash left."""
+        live = self.live_paths()
+        for entry in self.spool.entries():
+            if entry.path in live:
+                continue
+            if entry.finalized:
+                log.info("queued {entry} from the spool", entry=os.path.basename(entry.path))
+                self._enqueue(entry)
+            elif entry.has_header:
+                log.warn(
+                    "recovering {entry}: a call left unfinished by a crash or kill",
+                    entry=os.path.basename(entry.path),
+                )
+                self.finalize(entry)
+            else:
+                entry.remove()  # created but crashed before the header: holds no audio
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        for call in list(self._retries.values()):
+            if call.active():
+                call.cancel()
+        self._retries.clear()
+        # What is queued or being finalized gets one more attempt; what fails
+        # stays in the spool for the next start.
+        self._stopping = True
+        yield self.wait_idle()
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None
+        yield super().stopService()
+
+    def wait_idle(self) -> defer.Deferred:
+        """Fires when nothing is being finalized or published right now."""
+        d = defer.Deferred()
+        self._idle_waiters.append(d)
+        self._check_idle()
+        return d
+
+    def _check_idle(self) -> None:
+        if self._in_flight or self._uploading or self._queue:
+            return
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # -- finalize --------------------------------------------------------
+
+    def finalize(self, entry: CallSpool) -> defer.Deferred:
+        d = self._blocking(finalize, entry, self.settings)
+
+        def finalized(sidecar):
+            log.info(
+                "finalized {call_id}/{session_id}: {seconds:.1f} s, endReason {reason}",
+                call_id=sidecar["callId"], session_id=sidecar["sessionId"],
+                seconds=sidecar["audio"]["durationSeconds"], reason=sidecar["endReason"],
+            )
+            self._enqueue(entry)
+
+        def failed(f):
+            log.failure(
+                "finalizing {entry} failed; it stays in the spool for the next start",
+                f, entry=entry.path,
+            )
+
+        return d.addCallbacks(finalized, failed)
+
+    # -- upload queue ----------------------------------------------------
+
+    def _enqueue(self, entry: CallSpool) -> None:
+        if not self.running:
+            return  # stays in the spool; recovered at the next start
+        self._queue.append(entry)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._queue and self._uploading < self.settings.upload_concurrency:
+            entry = self._queue.pop(0)
+            self._uploading += 1
+            self._upload(entry).addBoth(self._upload_done)
+
+    def _upload_done(self, _):
+        self._uploading -= 1
+        self._pump()
+        self._check_idle()
+
+    def _upload(self, entry: CallSpool) -> defer.Deferred:
+        def publish():
+            sidecar, item = _load_item(entry)
+
+            def sidecar_for(key: str) -> bytes:
+                sidecar["key"] = key
+                sidecar["timing"]["archivedAt"] = rfc3339(self._reactor.seconds())
+                return (json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n").encode()
+
+            item.sidecar_for = sidecar_for
+            key = self.store.publish(item)
+            entry.remove()
+            return sidecar, key
+
+        def published(result):
+            sidecar, key = result
+            self._attempts.pop(entry.path, None)
+            self.archived += 1
+            log.info(
+                "archived {call_id}/{session_id} to {store} as {key} "
+                "({nbytes} bytes, endReason {reason})",
+                call_id=sidecar["callId"], session_id=sidecar["sessionId"],
+                store=self.store.describe(), key=key,
+                nbytes=sidecar["audio"]["bytes"], reason=sidecar["endReason"],
+            )
+
+        def failed(f):
+            self.failures += 1
+            attempt = self._attempts.get(entry.path, 0) + 1
+            self._attempts[entry.path] = attempt
+            s = self.settings
+            delay = min(s.retry_max, s.retry_initial * 2 ** (attempt - 1))
+            delay *= random.uniform(0.5, 1.0)  # jitter: no thundering herd after an outage
+            emit = log.warn if f.check(StoreError) else log.failure
+            kw = {} if f.check(StoreError) else {"failure": f}
+            emit(
+                "archiving {entry} failed (attempt {attempt}), retrying in {delay:.1f} s: "
+                "{reason}",
+                entry=os.path.basename(entry.path), attempt=attempt, delay=delay,
+                reason=_sentence(f.value), **kw,
+            )
+            if self.running and not self._stopping:
+                self._retries[entry.path] = self._reactor.callLater(
+                    delay, self._retry, entry
+                )
+
+        return self._blocking(publish).addCallbacks(published, failed)
+
+    def _retry(self, entry: CallSpool) -> None:
+        self._retries.pop(entry.path, None)
+        self._enqueue(entry)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue) + self._uploading + len(self._retries)
+
+
+def _sentence(exc: BaseException) -> str:
+    return str(exc) or exc.__class__.__name__

@@ -1,0 +1,305 @@
+"""Calls: per-call state across sockets, and the registry that keys them.
+
+Nothing here knows about WebSockets.  A front door (the WebSocket protocol
+today, perhaps gRPC streaming later) hands a :class:`CallRegistry` plain
+values: "this connection carries call (callId, sessionId) with this Start
+metadata", "Media frame n of perspective p", "a Stop", "the connection is
+gone".  A connection is any object with ``end_call(code, reason)`` (close
+yourself, the call is over).
+
+A call ends, and goes to the archiver, when:
+
+* every perspective that sent media has stopped ("stop", complete);
+* all its connections have been gone for ``reconnect_grace`` ("disconnect");
+* no message came for ``idle_timeout`` ("timeout");
+* it has run for ``max_call_duration`` ("max-duration");
+* the recorder shuts down ("shutdown").
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from twisted.logger import Logger
+
+from evrecorder.settings import PERSPECTIVES, Settings
+from evrecorder.spool import CallSpool, Spool
+
+log = Logger()
+
+FRAME_SECONDS = 0.020
+
+
+class Connection(Protocol):
+    def end_call(self, code: int, reason: str) -> None:
+        """The call this connection carried is over: close."""
+
+
+class Clock(Protocol):
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, f: Callable, *args, **kw): ...
+
+
+class CallError(Exception):
+    """Bad input on a connection: ``code`` is the WebSocket close code to use."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Call:
+    """One call, keyed by (callId, sessionId), fed by one or more connections."""
+
+    def __init__(
+        self,
+        registry: "CallRegistry",
+        spool: CallSpool,
+        call_id: str,
+        session_id: str,
+        metadata: dict,
+        connected_at: float,
+    ):
+        self._registry = registry
+        self._clock = registry.clock
+        self._settings = registry.settings
+        self.spool = spool
+        self.call_id = call_id
+        self.session_id = session_id
+        self.metadata = metadata
+        self.connected_at = connected_at
+        self.created_at = self._clock.seconds()
+        self.first_media_at: float | None = None
+        self.ended_at: float | None = None
+        self.end_reason: str | None = None
+        self._connections: dict[Connection, set[str]] = {}
+        self._first_seq: dict[str, int] = {}
+        self._stopped: dict[str, dict | None] = {}
+        self._unassigned_stops = 0
+        self._last_activity = self.created_at
+        self._detached_at: float | None = None
+        self._timer = None
+        self.frames_received = 0
+        self._schedule()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.call_id, self.session_id)
+
+    @property
+    def ended(self) -> bool:
+        return self.end_reason is not None
+
+    # -- connections -----------------------------------------------------
+
+    def attach(self, conn: Connection) -> None:
+        self._connections.setdefault(conn, set())
+        self._detached_at = None
+        self._last_activity = self._clock.seconds()
+
+    def detach(self, conn: Connection) -> None:
+        self._connections.pop(conn, None)
+        if not self._connections and not self.ended:
+            self._detached_at = self._clock.seconds()
+            self._schedule()
+
+    # -- events ----------------------------------------------------------
+
+    def media(self, conn: Connection, perspective: str, seq: int, payload: bytes) -> None:
+        """Take a Media frame.  Raises :class:`CallError` for bad input."""
+        now = self._clock.seconds()
+        self._last_activity = now
+        first = self._first_seq.get(perspective)
+        if first is None:
+            self._start_perspective(perspective, seq, now)
+        elif abs(seq - first) > self._settings.max_sequence_span:
+            raise CallError(
+                1007,
+                f"sequenceId {seq} is out of range for {perspective} "
+                f"(first was {first})",
+            )
+        sent = self._connections.get(conn)
+        if sent is not None and perspective not in sent:
+            sent.add(perspective)
+        self.spool.append_frame(perspective, seq, payload)
+        self.frames_received += 1
+
+    def _start_perspective(self, perspective: str, seq: int, now: float) -> None:
+        if self.first_media_at is None:
+            self.first_media_at = now
+            offset = 0
+        else:
+            # Whole 20 ms frames after the call's first media; frames within
+            # one frame of each other start together.
+            delta = now - self.first_media_at
+            offset = 0 if delta < FRAME_SECONDS else round(delta / FRAME_SECONDS)
+        self._first_seq[perspective] = seq
+        self.spool.append_event(
+            {"event": "media", "perspective": perspective, "at": now, "offsetFrames": offset}
+        )
+
+    def stop(self, conn: Connection, metadata: dict | None, perspective: str | None) -> None:
+        """Take a Stop.  The documented Stop names no perspective: count them."""
+        now = self._clock.seconds()
+        self._last_activity = now
+        if perspective is None:
+            perspective = self._guess_stop_perspective(conn)
+        if perspective is not None and perspective not in self._stopped:
+            self._stopped[perspective] = metadata
+        else:
+            self._unassigned_stops += 1
+        self.spool.append_event(
+            {"event": "stop", "perspective": perspective, "at": now, "metadata": metadata}
+        )
+        if self._all_stopped():
+            self.end("stop")
+
+    def touch(self) -> None:
+        """Any message counts as activity for the idle timeout."""
+        self._last_activity = self._clock.seconds()
+
+    def _guess_stop_perspective(self, conn: Connection) -> str | None:
+        # A Stop on a socket that carried exactly one perspective still
+        # running is that perspective's; otherwise the first one still running.
+        running = [p for p in PERSPECTIVES if p in self._first_seq and p not in self._stopped]
+        on_conn = [p for p in running if p in self._connections.get(conn, ())]
+        if len(on_conn) == 1:
+            return on_conn[0]
+        return running[0] if running else None
+
+    def _all_stopped(self) -> bool:
+        with_media = set(self._first_seq)
+        if not with_media:
+            return True  # a call that never sent media ends at its first Stop
+        return with_media <= set(self._stopped) or (
+            len(self._stopped) + self._unassigned_stops >= len(with_media)
+        )
+
+    @property
+    def complete(self) -> bool:
+        return self.end_reason == "stop"
+
+    # -- ending ----------------------------------------------------------
+
+    def end(self, reason: str) -> None:
+        if self.ended:
+            return
+        self.end_reason = reason
+        self.ended_at = self._clock.seconds()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.spool.append_event(
+            {"event": "end", "reason": reason, "complete": self.complete, "at": self.ended_at}
+        )
+        self.spool.close()
+        for conn in list(self._connections):
+            conn.end_call(1000 if reason == "stop" else 1001, "call ended: " + reason)
+        self._connections.clear()
+        self._registry.call_ended(self)
+
+    def _deadline(self) -> tuple[float, str]:
+        s = self._settings
+        candidates = [
+            (self._last_activity + s.idle_timeout, "timeout"),
+            (self.created_at + s.max_call_duration, "max-duration"),
+        ]
+        if self._detached_at is not None:
+            candidates.append((self._detached_at + s.reconnect_grace, "disconnect"))
+        return min(candidates)
+
+    def _schedule(self) -> None:
+        # One timer per call, re-armed lazily: messages only move
+        # _last_activity, they never touch the reactor's timer heap.
+        when, _ = self._deadline()
+        delay = max(0.0, when - self._clock.seconds())
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= when:
+                return
+            self._timer.cancel()
+        self._timer = self._clock.callLater(delay, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self.ended:
+            return
+        when, reason = self._deadline()
+        if self._clock.seconds() >= when:
+            log.info(
+                "call {call_id}/{session_id} ends without Stop: {reason}",
+                call_id=self.call_id, session_id=self.session_id, reason=reason,
+            )
+            self.end(reason)
+        else:
+            self._schedule()
+
+
+class CallRegistry:
+    """The calls in progress, by (callId, sessionId)."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        settings: Settings,
+        clock: Clock,
+        on_ended: Callable[[Call], None],
+    ):
+        self.spool = spool
+        self.settings = settings
+        self.clock = clock
+        self._on_ended = on_ended
+        self.calls: dict[tuple[str, str], Call] = {}
+
+    def join(
+        self,
+        conn: Connection,
+        call_id: str,
+        session_id: str,
+        metadata: dict,
+        query: dict,
+        connected_at: float,
+    ) -> Call:
+        """The call for this key, created if new; ``conn`` is attached to it."""
+        key = (call_id, session_id)
+        call = self.calls.get(key)
+        if call is None:
+            entry = self.spool.new_call(call_id, session_id, connected_at)
+            entry.create(
+                {
+                    "callId": call_id,
+                    "sessionId": session_id,
+                    "metadata": metadata,
+                    "query": query,
+                    "connectedAt": connected_at,
+                    "createdAt": self.clock.seconds(),
+                }
+            )
+            call = Call(self, entry, call_id, session_id, metadata, connected_at)
+            self.calls[key] = call
+            log.info(
+                "call {call_id}/{session_id} started",
+                call_id=call_id, session_id=session_id,
+            )
+        else:
+            log.info(
+                "call {call_id}/{session_id}: another socket joins it",
+                call_id=call_id, session_id=session_id,
+            )
+        call.attach(conn)
+        return call
+
+    def call_ended(self, call: Call) -> None:
+        if self.calls.get(call.key) is call:
+            del self.calls[call.key]
+        log.info(
+            "call {call_id}/{session_id} ended ({reason}), {frames} frames received",
+            call_id=call.call_id, session_id=call.session_id,
+            reason=call.end_reason, frames=call.frames_received,
+        )
+        self._on_ended(call)
+
+    def end_all(self, reason: str) -> None:
+        for call in list(self.calls.values()):
+            call.end(reason)

@@ -1,0 +1,152 @@
+"""Finalizing a spooled call: the stereo WAV and its sidecar.
+
+Runs in a worker thread (it reads and writes whole files), on a call whose
+spool nobody appends to any more: one that ended, or one left by a crash.
+
+1. Each perspective's frames (arrival order) go through the reorder window
+   (:class:`~evrecorder.placement.Placer`) into a raw mu-law timeline.
+2. The two timelines, each shifted by its perspective's start offset and
+   padded at the end with silence, are interleaved into ``recording.wav``.
+3. ``sidecar.json`` (without ``archivedAt``, which the upload adds) is
+   written last, atomically: from then on the call is an upload-queue entry
+   and the frame files are deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from datetime import datetime, timezone
+
+from evrecorder import __version__, keys, wav
+from evrecorder.placement import PerspectiveStats, Placer
+from evrecorder.settings import PERSPECTIVE_OF, PERSPECTIVES, ROLE_OF, Settings
+from evrecorder.spool import FRAMES_SUFFIX, SIDECAR_FILE, WAV_FILE, CallSpool, write_json_atomic
+
+SCHEMA = "evrecorder/1"
+PLACED_SUFFIX = ".placed"
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
+    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _place(entry: CallSpool, perspective: str, window: int) -> tuple[str, PerspectiveStats]:
+    path = os.path.join(entry.path, perspective + PLACED_SUFFIX)
+    with open(path, "wb") as out:
+        placer = Placer(window, out.write)
+        for seq, payload in entry.read_frames(perspective):
+            placer.add(seq, payload)
+        stats = placer.finish()
+    return path, stats
+
+
+def finalize(
+    entry: CallSpool,
+    settings: Settings,
+) -> dict:
+    """Write ``recording.wav`` and ``sidecar.json`` for a spooled call.
+
+    A call that recorded its end keeps that reason; one left by a crash
+    before its end is "recovered" and incomplete.  Returns the sidecar
+    (without ``archivedAt``).
+    """
+    header = entry.read_header()
+    events = entry.read_events()
+    offsets: dict[str, int] = {}
+    stops: dict[str, dict | None] = {}
+    first_media_at = None
+    end_event = None
+    for ev in events:
+        kind = ev.get("event")
+        if kind == "media":
+            offsets.setdefault(ev["perspective"], int(ev.get("offsetFrames", 0)))
+            if first_media_at is None:
+                first_media_at = ev.get("at")
+        elif kind == "stop" and ev.get("perspective") in PERSPECTIVES:
+            stops.setdefault(ev["perspective"], ev.get("metadata"))
+        elif kind == "end":
+            end_event = ev
+
+    if end_event is not None:
+        reason, complete, ended_at = end_event["reason"], bool(end_event["complete"]), end_event["at"]
+    else:
+        # Left by a crash: it ended with the last thing it wrote.
+        reason, complete = "recovered", False
+        ended_at = max(
+            [ev.get("at", 0) for ev in events]
+            + [header.get("createdAt", 0)]
+            + [os.path.getmtime(os.path.join(entry.path, n)) for n in os.listdir(entry.path)]
+        )
+
+    channels = {}
+    perspectives = {}
+    for perspective in PERSPECTIVES:
+        path, stats = _place(entry, perspective, settings.reorder_window)
+        offset = offsets.get(perspective, 0) * wav.SAMPLE_RATE // 50
+        channels[perspective] = wav.Channel(path, offset, stats.samples)
+        perspectives[perspective] = dict(
+            stats.as_dict(),
+            role=ROLE_OF[perspective],
+            offsetSamples=offset if stats.samples else 0,
+            stop=stops.get(perspective),
+        )
+
+    left = channels[PERSPECTIVE_OF[settings.channel_map[0]]]
+    right = channels[PERSPECTIVE_OF[settings.channel_map[1]]]
+    digest = hashlib.sha256()
+    wav_path = os.path.join(entry.path, WAV_FILE)
+    tmp = wav_path + ".tmp"
+    try:
+        with open(tmp, "wb") as out:
+            size = wav.write_stereo(out, settings.format, left, right, digest.update)
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        left.close()
+        right.close()
+    os.replace(tmp, wav_path)
+    samples = max(left.end, right.end)
+
+    start = first_media_at if first_media_at is not None else header["connectedAt"]
+    key = keys.format_key(
+        settings.key_template,
+        keys.key_fields(header.get("metadata") or {}, header.get("query") or {}, start),
+    )
+    sidecar = {
+        "schema": SCHEMA,
+        "callId": header["callId"],
+        "sessionId": header["sessionId"],
+        "key": key,
+        "metadata": header.get("metadata"),
+        "query": header.get("query"),
+        "audio": {
+            "encoding": settings.format,
+            "sampleRateHertz": wav.SAMPLE_RATE,
+            "channels": 2,
+            "channelMap": list(settings.channel_map),
+            "durationSeconds": samples / wav.SAMPLE_RATE,
+            "bytes": size,
+            "sha256": digest.hexdigest(),
+        },
+        "perspectives": perspectives,
+        "timing": {
+            "connectedAt": rfc3339(header.get("connectedAt")),
+            "firstMediaAt": rfc3339(first_media_at),
+            "endedAt": rfc3339(ended_at),
+            "archivedAt": None,
+        },
+        "complete": complete,
+        "endReason": reason,
+        "recorder": {"version": __version__, "host": socket.gethostname()},
+    }
+    write_json_atomic(os.path.join(entry.path, SIDECAR_FILE), sidecar)
+    # The WAV and sidecar now carry everything: drop the working files.
+    for name in os.listdir(entry.path):
+        if name.endswith((FRAMES_SUFFIX, PLACED_SUFFIX)):
+            os.unlink(os.path.join(entry.path, name))
+    return sidecar

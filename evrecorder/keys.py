@@ -1,0 +1,81 @@
+"""Archive keys from ``--key-template``.
+
+The template is a Python format string over the call's fields: every Start
+metadata field (``{callId}``, ``{sessionId}``, ``{accountId}``, ``{agentId}``
+...), the handshake query parameters for fields the metadata lacks, and
+``{start}``, the call's start as a UTC datetime (``{start:%Y/%m/%d}``).
+
+Each field's formatted value is made safe for a key: anything but letters,
+digits, ``.``, ``_``, ``-`` and ``=`` becomes ``_``, and a value may not be
+``.`` or ``..``; so a callId such as ``../../etc`` can never leave the
+archive.  The slashes of the template itself are kept.  A field the call does
+not have becomes ``unknown``.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from datetime import datetime, timezone
+
+DEFAULT_TEMPLATE = "{start:%Y/%m/%d}/{callId}-{sessionId}"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
+
+
+class _Formatter(string.Formatter):
+    def get_value(self, key, args, kwargs):
+        if isinstance(key, int):
+            raise KeyError(f"positional field {{{key}}}")
+        return kwargs.get(key, "unknown")
+
+    def format_field(self, value, format_spec):
+        text = super().format_field(value, format_spec)
+        # A datetime's format spec may deliberately make directories.
+        if isinstance(value, datetime):
+            parts = text.split("/")
+        else:
+            parts = [text]
+        safe = []
+        for part in parts:
+            part = _UNSAFE.sub("_", part)
+            if part in ("", ".", ".."):
+                part = part.replace(".", "_") or "_"
+            safe.append(part)
+        return "/".join(safe)
+
+
+_FORMATTER = _Formatter()
+
+
+def key_fields(metadata: dict, query: dict, start: float) -> dict:
+    fields: dict[str, object] = {}
+    for source in (query, metadata):
+        for name, value in source.items():
+            if isinstance(value, list):
+                value = value[0] if value else ""
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                fields[name] = value
+    fields["start"] = datetime.fromtimestamp(start, tz=timezone.utc)
+    return fields
+
+
+def format_key(template: str, fields: dict) -> str:
+    key = _FORMATTER.format(template, **fields)
+    parts = [p for p in key.split("/") if p not in ("", ".", "..")]
+    return "/".join(parts) or "unknown"
+
+
+def check_template(template: str) -> None:
+    """Raise ValueError with a sentence when the template cannot be used."""
+    sample = key_fields(
+        {"callId": "12345", "sessionId": 2, "accountId": "99990000", "agentId": 123},
+        {},
+        0.0,
+    )
+    try:
+        key = format_key(template, sample)
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError) as e:
+        raise ValueError(f"the key template {template!r} cannot be used: {e}") from e
+    if not key:
+        raise ValueError(f"the key template {template!r} gives an empty key")

@@ -1,0 +1,320 @@
+"""The WebSocket front door: Engage Voice Call Streaming over Autobahn.
+
+The protocol is thin: it checks the handshake (draining, secret), decodes the
+JSON events and hands plain values to the :class:`~evrecorder.call.CallRegistry`.
+Bad input is logged in a sentence and closes *this* socket with a close code;
+nothing else is affected.
+
+Close codes:
+
+=====  ==========================================================
+1000   the call is complete (every perspective stopped)
+1001   the call ended otherwise (timeout, max-duration, shutdown)
+1003   a binary frame, an unknown event, or audio that is not 8 kHz mu-law
+1007   invalid JSON, base64, sequenceId, perspective or payload size
+1008   no secret before the first Media, a wrong secret in a message,
+       Media before Start, a second Start with other metadata
+1009   a message larger than ``--max-message-size`` (Autobahn)
+=====  ==========================================================
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+
+from evrecorder.call import Call, CallError, CallRegistry
+from evrecorder.settings import PERSPECTIVES, Settings
+
+_log = Logger()
+
+_MULAW_TYPES = {"audio/x-mulaw", "audio/mulaw", "audio/basic", "audio/pcmu", "mulaw", "ulaw", "pcmu"}
+
+
+class SecretChecker:
+    """Constant-time comparison against the configured secrets (rotation)."""
+
+    def __init__(self, secrets: list[str]):
+        self._secrets = [s.encode("utf-8") for s in secrets]
+
+    @property
+    def required(self) -> bool:
+        return bool(self._secrets)
+
+    def matches(self, presented: str) -> bool:
+        value = presented.encode("utf-8")
+        ok = False
+        for secret in self._secrets:  # no early exit: the time says nothing
+            ok |= hmac.compare_digest(value, secret)
+        return ok
+
+
+def _first_values(params: dict) -> dict:
+    """Query parameters verbatim: a value, or a list when repeated."""
+    return {k: (v[0] if len(v) == 1 else list(v)) for k, v in params.items()}
+
+
+def _content_type_ok(metadata: dict) -> str | None:
+    """None when the stream is 8 kHz mu-law, else the reason it is not."""
+    ctype = metadata.get("contentType", metadata.get("audioContentType"))
+    rate = metadata.get("sampleRateHertz")
+    if ctype is not None:
+        base = str(ctype).split(";")[0].strip().lower()
+        if base not in _MULAW_TYPES:
+            return f"content type {ctype!r} is not G.711 mu-law"
+    if rate is not None:
+        try:
+            rate_ok = int(rate) == 8000
+        except (TypeError, ValueError):
+            rate_ok = False
+        if not rate_ok:
+            return f"sample rate {rate!r} is not 8000 Hz"
+    return None
+
+
+def _key_part(metadata: dict, query: dict, names: tuple[str, ...]) -> str | None:
+    for source in (metadata, query):
+        for name in names:
+            value = source.get(name)
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if value is not None and value != "" and not isinstance(value, (dict, list, bool)):
+                return str(value)
+    return None
+
+
+class RecorderProtocol(WebSocketServerProtocol):
+    """One WebSocket from the platform: one call, or one perspective of it."""
+
+    factory: "RecorderFactory"
+
+    def __init__(self):
+        super().__init__()
+        self._query: dict = {}
+        self._authenticated = False
+        self._connected_at: float | None = None
+        self._call: Call | None = None
+        self._start_metadata: dict | None = None
+        self._peer_name = "?"
+
+    # -- handshake -------------------------------------------------------
+
+    def onConnect(self, request):
+        try:
+            return self._on_connect(request)
+        except ConnectionDeny:
+            raise
+        except Exception:
+            # Autobahn would swallow this silently.
+            _log.failure("handshake from {peer} failed", peer=request.peer)
+            raise ConnectionDeny(500, "internal error")
+
+    def _on_connect(self, request):
+        factory = self.factory
+        self._peer_name = request.peer
+        self._connected_at = factory.clock.seconds()
+        if factory.draining:
+            raise ConnectionDeny(503, "draining: try another recorder")
+        params = dict(request.params)
+        presented = []
+        auth = request.headers.get("authorization")
+        if auth:
+            scheme, _, rest = auth.partition(" ")
+            presented.append(rest.strip() if scheme.lower() == "bearer" and rest else auth.strip())
+        custom = request.headers.get(factory.settings.secret_header.lower())
+        if custom:
+            presented.append(custom.strip())
+        presented.extend(params.pop("secret", []))
+        checker = factory.secrets
+        if presented:
+            if checker.required and not all(checker.matches(p) for p in presented):
+                _log.warn("handshake from {peer} refused: wrong secret", peer=request.peer)
+                raise ConnectionDeny(403, "forbidden")
+            self._authenticated = True
+        else:
+            self._authenticated = not checker.required
+        self._query = _first_values(params)
+        return None
+
+    # -- messages --------------------------------------------------------
+
+    def onMessage(self, payload, isBinary):
+        try:
+            if isBinary:
+                raise CallError(1003, "binary frames are not part of the protocol")
+            try:
+                msg = json.loads(payload)
+            except (ValueError, UnicodeDecodeError):
+                raise CallError(1007, "the message is not valid JSON") from None
+            if not isinstance(msg, dict):
+                raise CallError(1007, "the message is not a JSON object")
+            event = msg.get("event")
+            if event == "Media":
+                self._on_media(msg)
+            elif event == "Start":
+                self._check_message_secret(msg)
+                self._on_start(msg)
+            elif event == "Stop":
+                self._on_stop(msg)
+            elif event == "Connected":
+                self._check_message_secret(msg)
+                if self._call is not None:
+                    self._call.touch()
+            else:
+                raise CallError(1003, f"unknown event {str(event)[:40]!r}")
+        except CallError as e:
+            self._bad_input(e.code, e.reason)
+        except Exception:
+            _log.failure("message from {peer} could not be handled", peer=self._peer_name)
+            self._bad_input(1011, "internal error")
+
+    def _bad_input(self, code: int, reason: str) -> None:
+        call = self._call
+        _log.warn(
+            "closing socket from {peer} (call {call_id}/{session_id}) with {code}: {reason}",
+            peer=self._peer_name, code=code, reason=reason,
+            call_id=call.call_id if call else "-", session_id=call.session_id if call else "-",
+        )
+        self.sendClose(code, reason[:120])
+
+    def _check_message_secret(self, msg: dict) -> None:
+        secret = msg.get("secret")
+        if secret is None:
+            return
+        checker = self.factory.secrets
+        if checker.required and not (isinstance(secret, str) and checker.matches(secret)):
+            raise CallError(1008, "wrong secret")
+        self._authenticated = True
+        self._join()
+
+    def _on_start(self, msg: dict) -> None:
+        metadata = msg.get("metadata")
+        if not isinstance(metadata, dict):
+            raise CallError(1007, "Start has no metadata object")
+        metadata = {k: v for k, v in metadata.items() if k != "secret"}
+        if self._start_metadata is not None:
+            if metadata != self._start_metadata:
+                raise CallError(1008, "a second Start with different metadata")
+            return
+        problem = _content_type_ok(metadata)
+        if problem:
+            raise CallError(1003, problem + ": refusing to record it as noise")
+        if _key_part(metadata, self._query, ("callId", "callid", "call_id")) is None:
+            raise CallError(1008, "Start names no callId (neither metadata nor query)")
+        self._start_metadata = metadata
+        self._join()
+
+    def _join(self) -> None:
+        """Join (or open) the call once we know who it is and may record it."""
+        if self._call is not None or not self._authenticated or self._start_metadata is None:
+            return
+        metadata = self._start_metadata
+        call_id = _key_part(metadata, self._query, ("callId", "callid", "call_id"))
+        session_id = _key_part(metadata, self._query, ("sessionId", "sessionid", "session_id")) or ""
+        self._call = self.factory.registry.join(
+            self, call_id, session_id, metadata, self._query, self._connected_at
+        )
+
+    def _on_media(self, msg: dict) -> None:
+        if not self._authenticated:
+            raise CallError(1008, "no secret was presented before the first Media")
+        call = self._call
+        if call is None:
+            raise CallError(1008, "Media before Start")
+        if call.ended:
+            raise CallError(1008, "Media after the call ended")
+        perspective = msg.get("perspective")
+        if perspective not in PERSPECTIVES:
+            raise CallError(1007, f"unknown perspective {str(perspective)[:40]!r}")
+        seq = msg.get("sequenceId")
+        if isinstance(seq, str) and seq.isdigit() and len(seq) <= 18:
+            seq = int(seq)
+        elif not (type(seq) is int and 0 <= seq < 10**18):
+            raise CallError(1007, f"sequenceId {str(seq)[:24]!r} is not a decimal number")
+        media = msg.get("media")
+        if not isinstance(media, str):
+            raise CallError(1007, "Media has no media string")
+        try:
+            audio = base64.b64decode(media, validate=True)
+        except (binascii.Error, ValueError):
+            raise CallError(1007, "media is not valid base64") from None
+        if not audio:
+            raise CallError(1007, "media is empty")
+        if len(audio) > self.factory.settings.max_frame_bytes:
+            raise CallError(1007, f"media of {len(audio)} bytes is larger than a frame may be")
+        call.media(self, perspective, seq, audio)
+
+    def _on_stop(self, msg: dict) -> None:
+        call = self._call
+        if call is None:
+            if self._start_metadata is None:
+                raise CallError(1008, "Stop before Start")
+            return  # never authenticated: nothing was recorded
+        if call.ended:
+            return  # the other perspective's Stop after the call was complete
+        metadata = msg.get("metadata")
+        if not isinstance(metadata, dict):
+            metadata = None
+        perspective = msg.get("perspective")
+        if perspective is None and metadata is not None:
+            perspective = metadata.get("perspective")
+        if perspective not in PERSPECTIVES:
+            perspective = None
+        call.stop(self, metadata, perspective)
+
+    # -- the call's side -------------------------------------------------
+
+    def end_call(self, code: int, reason: str) -> None:
+        self._call = None
+        self._start_metadata = None
+        self.sendClose(code, reason)
+
+    def onClose(self, wasClean, code, reason):
+        call, self._call = self._call, None
+        if call is not None and not call.ended:
+            call.detach(self)
+        self.factory.connection_lost(self)
+
+    def onOpen(self):
+        self.factory.connection_made(self)
+
+
+class RecorderFactory(WebSocketServerFactory):
+    """Builds protocols; holds what every socket shares."""
+
+    protocol = RecorderProtocol
+
+    def __init__(self, registry: CallRegistry, settings: Settings, clock):
+        super().__init__()
+        self.registry = registry
+        self.settings = settings
+        self.clock = clock
+        self.secrets = SecretChecker(settings.secrets)
+        self.draining = False
+        self.sockets: set[RecorderProtocol] = set()
+        self.setProtocolOptions(
+            allowNullOrigin=True,
+            maxMessagePayloadSize=settings.max_message_size,
+            maxFramePayloadSize=settings.max_message_size,
+            openHandshakeTimeout=settings.handshake_timeout,
+            closeHandshakeTimeout=5,
+            autoPingInterval=settings.ping_interval,
+            autoPingTimeout=settings.ping_timeout,
+            maxConnections=settings.max_connections,
+        )
+
+    def connection_made(self, proto: RecorderProtocol) -> None:
+        self.sockets.add(proto)
+
+    def connection_lost(self, proto: RecorderProtocol) -> None:
+        self.sockets.discard(proto)
+
+    def close_all(self, code: int = 1001, reason: str = "recorder shutting down") -> None:
+        for proto in list(self.sockets):
+            proto.sendClose(code, reason)

@@ -1,0 +1,206 @@
+"""The spool: calls on local disk while they run, and the durable upload queue.
+
+Each call is a directory ``<spool>/calls/<name>/``:
+
+``call.json``
+    who the call is (callId, sessionId, Start metadata, handshake query),
+    written atomically before any audio, so a directory without it holds none.
+``<Perspective>.frames``
+    every accepted Media frame in *arrival* order, appended as it arrives:
+    a record is ``>QH`` (sequenceId, payload length) and the payload.  The
+    reorder window is applied when the call is finalized, so a crash loses
+    nothing that sat in the window.
+``events.jsonl``
+    one JSON object a line, appended: a perspective's first frame (with its
+    offset), each Stop, the end of the call.
+``recording.wav`` + ``sidecar.json``
+    the finished recording.  ``sidecar.json`` is renamed into place last, so
+    its presence means "finalized: upload me".  The directory is deleted only
+    after the store confirmed both objects.
+
+A truncated last record or line (``kill -9`` mid-write) is ignored on reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from typing import Iterator
+
+RECORD = struct.Struct(">QH")
+
+CALL_FILE = "call.json"
+EVENTS_FILE = "events.jsonl"
+WAV_FILE = "recording.wav"
+SIDECAR_FILE = "sidecar.json"
+FRAMES_SUFFIX = ".frames"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def write_json_atomic(path: str, obj: object) -> None:
+    """Write JSON through a temporary file and a rename, fsynced."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class CallSpool:
+    """One call's spool directory, open for appending while the call runs."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._frame_fds: dict[str, int] = {}
+        self._events_fd: int | None = None
+
+    # -- writing (while the call runs) -----------------------------------
+
+    def create(self, header: dict) -> None:
+        os.makedirs(self.path, exist_ok=False)
+        write_json_atomic(os.path.join(self.path, CALL_FILE), header)
+
+    def append_frame(self, perspective: str, seq: int, payload: bytes) -> None:
+        fd = self._frame_fds.get(perspective)
+        if fd is None:
+            fd = self._frame_fds[perspective] = os.open(
+                os.path.join(self.path, perspective + FRAMES_SUFFIX),
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                0o640,
+            )
+        # One write per frame: once it returns, the frame survives a crash of
+        # this process (the kernel has it).
+        os.write(fd, RECORD.pack(seq, len(payload)) + payload)
+
+    def append_event(self, event: dict) -> None:
+        if self._events_fd is None:
+            self._events_fd = os.open(
+                os.path.join(self.path, EVENTS_FILE),
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                0o640,
+            )
+        line = json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n"
+        os.write(self._events_fd, line.encode("utf-8"))
+
+    def close(self) -> None:
+        for fd in self._frame_fds.values():
+            os.close(fd)
+        self._frame_fds.clear()
+        if self._events_fd is not None:
+            os.close(self._events_fd)
+            self._events_fd = None
+
+    # -- reading (finalize, recovery) ------------------------------------
+
+    def read_header(self) -> dict:
+        with open(os.path.join(self.path, CALL_FILE), encoding="utf-8") as f:
+            return json.load(f)
+
+    def read_events(self) -> list[dict]:
+        try:
+            with open(os.path.join(self.path, EVENTS_FILE), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        events = []
+        for line in data.split(b"\n"):
+            if not line:
+                continue
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                break  # a line cut by a crash: nothing after it was written
+        return events
+
+    def perspectives_on_disk(self) -> list[str]:
+        return sorted(
+            name[: -len(FRAMES_SUFFIX)]
+            for name in os.listdir(self.path)
+            if name.endswith(FRAMES_SUFFIX)
+        )
+
+    def read_frames(self, perspective: str, chunk: int = 1 << 16) -> Iterator[tuple[int, bytes]]:
+        """Frames in arrival order; stops quietly at a truncated last record."""
+        path = os.path.join(self.path, perspective + FRAMES_SUFFIX)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            return
+        with f:
+            buf = b""
+            while True:
+                block = f.read(chunk)
+                if not block:
+                    return
+                buf += block
+                pos = 0
+                end = len(buf)
+                while end - pos >= RECORD.size:
+                    seq, length = RECORD.unpack_from(buf, pos)
+                    stop = pos + RECORD.size + length
+                    if stop > end:
+                        break
+                    yield seq, buf[pos + RECORD.size : stop]
+                    pos = stop
+                buf = buf[pos:]
+
+    @property
+    def finalized(self) -> bool:
+        return os.path.exists(os.path.join(self.path, SIDECAR_FILE))
+
+    @property
+    def has_header(self) -> bool:
+        return os.path.exists(os.path.join(self.path, CALL_FILE))
+
+    def remove(self) -> None:
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class Spool:
+    """The spool directory: names and lists call directories."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.calls_dir = os.path.join(self.root, "calls")
+
+    def prepare(self) -> None:
+        os.makedirs(self.calls_dir, exist_ok=True)
+
+    def new_call(self, call_id: str, session_id: str, started: float) -> CallSpool:
+        """A fresh directory for a call; unique even for a repeated call key."""
+        base = "{}-{}".format(_UNSAFE.sub("_", call_id)[:64], _UNSAFE.sub("_", session_id)[:32])
+        digest = hashlib.sha256(f"{call_id}\0{session_id}".encode()).hexdigest()[:8]
+        stamp = int(started * 1000)
+        n = 0
+        while True:
+            name = f"{stamp}-{base}-{digest}" + (f"-{n}" if n else "")
+            path = os.path.join(self.calls_dir, name)
+            if not os.path.exists(path):
+                return CallSpool(path)
+            n += 1
+
+    def entries(self) -> list[CallSpool]:
+        try:
+            names = sorted(os.listdir(self.calls_dir))
+        except FileNotFoundError:
+            return []
+        return [
+            CallSpool(os.path.join(self.calls_dir, n))
+            for n in names
+            if not n.startswith(".") and os.path.isdir(os.path.join(self.calls_dir, n))
+        ]

@@ -1,0 +1,227 @@
+"""Archive stores: where finished recordings go.
+
+A store is a plain, blocking object (the archiver calls it from a thread pool,
+never from the reactor thread).  It publishes one recording as two objects,
+``K.wav`` first and ``K.json`` (the sidecar) last, so that the presence of the
+sidecar means the recording is complete and verified.
+
+Contract shared by every store:
+
+* ``publish`` is idempotent.  Publishing the same recording again (say after a
+  crash between the WAV and the sidecar) leaves the same two objects, not
+  duplicates.
+* An existing, *different* WAV at the key is never overwritten.  The store
+  picks the next free key ``K-2``, ``K-3`` ... and returns the key it used.
+  Whether "different" is decided by a checksum comparison (local, memory) or a
+  conditional write is the store's business.
+* Failures raise :class:`StoreError` with one sentence a user understands
+  ("no such bucket 'x'", "access denied", ...).  The archiver retries forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+from urllib.parse import unquote, urlparse
+
+#: How many alternative keys a store tries before giving up on a collision.
+MAX_KEY_SUFFIX = 1000
+
+
+class StoreError(Exception):
+    """An archive operation failed; ``str(err)`` is a sentence for the log."""
+
+
+@dataclass
+class PublishItem:
+    """One finished recording, ready to be published."""
+
+    key: str
+    """Archive key without extension, e.g. ``2026/11/24/12345-2``."""
+    wav_path: str
+    wav_sha256: str
+    """Hex SHA-256 of the WAV file's bytes."""
+    wav_size: int
+    sidecar_for: Callable[[str], bytes]
+    """Builds the sidecar bytes for the key actually used (called once, last)."""
+    object_metadata: dict[str, str] = field(default_factory=dict)
+    """Small string metadata stores may attach (callId, sessionId, agentId, schema)."""
+
+
+class Store(Protocol):
+    """What the archiver needs from a store.  All methods block."""
+
+    def describe(self) -> str:
+        """Where this store writes, for logs (never containing credentials)."""
+
+    def check(self) -> None:
+        """Raise :class:`StoreError` when the store is unusable (missing, denied)."""
+
+    def publish(self, item: PublishItem) -> str:
+        """Publish ``K.wav`` then ``K.json``; return the key used."""
+
+
+def candidate_keys(key: str):
+    """The key, then ``key-2``, ``key-3`` ... for collisions."""
+    yield key
+    for n in range(2, MAX_KEY_SUFFIX + 2):
+        yield f"{key}-{n}"
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return digest.hexdigest()
+            digest.update(block)
+
+
+def _atomic_write(path: str, write: Callable[[object], None]) -> None:
+    """Write through a temporary file in the same directory, fsync, rename."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStore:
+    """Publishes into a directory tree: ``<root>/<key>.wav`` and ``.json``.
+
+    Each file is written to a temporary name, fsynced and renamed into place,
+    so a reader never sees a partial file.  Collisions are detected by
+    comparing the SHA-256 of the existing WAV with ours.
+    """
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+
+    def describe(self) -> str:
+        return "file://" + self.root
+
+    def check(self) -> None:
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise StoreError(
+                f"cannot create the archive directory {self.root}: {e.strerror}"
+            ) from e
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreError(f"the archive directory {self.root} is not writable")
+
+    def _path(self, key: str, ext: str) -> str:
+        path = os.path.normpath(os.path.join(self.root, key + ext))
+        if not path.startswith(self.root + os.sep):
+            raise StoreError(f"the archive key {key!r} leaves the archive directory")
+        return path
+
+    def publish(self, item: PublishItem) -> str:
+        try:
+            return self._publish(item)
+        except StoreError:
+            raise
+        except OSError as e:
+            raise StoreError(
+                f"writing to the archive directory {self.root} failed: "
+                f"{e.strerror or e}"
+            ) from e
+
+    def _publish(self, item: PublishItem) -> str:
+        for key in candidate_keys(item.key):
+            wav = self._path(key, ".wav")
+            if os.path.exists(wav):
+                if sha256_file(wav) != item.wav_sha256:
+                    continue  # someone else's recording: never overwrite it
+            else:
+                os.makedirs(os.path.dirname(wav), exist_ok=True)
+
+                def copy(out, src=item.wav_path):
+                    with open(src, "rb") as f:
+                        while block := f.read(1 << 20):
+                            out.write(block)
+
+                _atomic_write(wav, copy)
+                if sha256_file(wav) != item.wav_sha256:
+                    os.unlink(wav)
+                    raise StoreError(
+                        f"the archived copy of {key}.wav does not match its checksum"
+                    )
+            sidecar = item.sidecar_for(key)
+            _atomic_write(self._path(key, ".json"), lambda out: out.write(sidecar))
+            return key
+        raise StoreError(f"more than {MAX_KEY_SUFFIX} different recordings at {item.key}")
+
+
+class MemoryStore:
+    """A store in a dict, for tests.  ``fail_with`` makes publish raise."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.fail_with: str | None = None
+        self.calls = 0
+
+    def describe(self) -> str:
+        return "memory:"
+
+    def check(self) -> None:
+        if self.fail_with:
+            raise StoreError(self.fail_with)
+
+    def publish(self, item: PublishItem) -> str:
+        self.calls += 1
+        if self.fail_with:
+            raise StoreError(self.fail_with)
+        with open(item.wav_path, "rb") as f:
+            data = f.read()
+        for key in candidate_keys(item.key):
+            existing = self.objects.get(key + ".wav")
+            if existing is not None and hashlib.sha256(existing).hexdigest() != item.wav_sha256:
+                continue
+            self.objects[key + ".wav"] = data
+            self.objects[key + ".json"] = item.sidecar_for(key)
+            return key
+        raise StoreError("too many collisions")
+
+
+def store_from_url(url: str, **s3_options) -> Store:
+    """Build the store for ``--archive``: ``s3://bucket/prefix``, ``file:///dir`` or a path."""
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        from evrecorder.s3store import S3Store  # boto3 is only imported when used
+
+        if not parsed.netloc:
+            raise ValueError(f"the archive URL {url!r} names no bucket")
+        return S3Store(bucket=parsed.netloc, prefix=parsed.path.lstrip("/"), **s3_options)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"the archive URL {url!r} names a remote host; use file:///dir")
+        return LocalStore(unquote(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:
+        raise ValueError(
+            f"the archive URL {url!r} has an unknown scheme; use s3://bucket/prefix, "
+            "file:///dir or a directory"
+        )
+    return LocalStore(url)

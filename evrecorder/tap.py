@@ -1,0 +1,184 @@
+"""``twistd evrecorder``: command-line options and the service they make."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.python import usage
+
+from evrecorder import keys, wav
+from evrecorder.settings import ROLE_OF, Settings
+from evrecorder.stores import store_from_url
+
+DEFAULT_LISTEN = "tcp:3333"
+
+
+def _positive(kind):
+    def convert(value):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number") from None
+        if number <= 0:
+            raise ValueError(f"{value!r} must be more than 0")
+        return number
+
+    return convert
+
+
+_OPTION_TYPES = {
+    "reorder-window": _positive(int),
+    "reconnect-grace": _positive(float),
+    "idle-timeout": _positive(float),
+    "max-call-duration": _positive(float),
+    "drain-timeout": _positive(float),
+    "max-message-size": _positive(int),
+    "handshake-timeout": _positive(float),
+    "max-connections": _positive(int),
+    "upload-concurrency": _positive(int),
+}
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Records RingCentral Engage Voice (RingCX) Call Streaming into stereo WAV "
+        "files (agent left, caller right) with a JSON sidecar, archived to S3 or a "
+        "directory."
+    )
+    optParameters = [
+        ["archive", None, "./recordings",
+         "Where recordings go: s3://bucket/prefix, file:///dir or a directory."],
+        ["spool", None, "./spool", "Directory for calls in progress and the upload queue."],
+        ["secret-header", None, "X-Secret", "Extra handshake header that may carry the secret."],
+        ["channel-map", None, "agent,caller", "Which perspective goes left,right."],
+        ["format", None, "pcm16", "WAV sample encoding: pcm16 or mulaw."],
+        ["key-template", None, keys.DEFAULT_TEMPLATE,
+         "Archive key without extension: {callId}, {sessionId}, {agentId}, {start:%Y/%m/%d}..."],
+        ["reorder-window", None, 50, "Frames a perspective may arrive late and still be put in place."],
+        ["reconnect-grace", None, 10.0, "Seconds a call with no socket waits for a reconnect."],
+        ["idle-timeout", None, 60.0, "Seconds without any message before a call ends as 'timeout'."],
+        ["max-call-duration", None, 14400.0, "Seconds after which a call is cut ('max-duration')."],
+        ["drain-timeout", None, 30.0, "Seconds calls in progress may take to finish on shutdown."],
+        ["max-message-size", None, 65536, "Largest WebSocket message accepted, in bytes."],
+        ["handshake-timeout", None, 10.0, "Seconds a client has to finish the WebSocket handshake."],
+        ["max-connections", None, 10000, "Most sockets at once; more get HTTP 503."],
+        ["upload-concurrency", None, 4, "Recordings published to the archive at once."],
+        ["s3-endpoint-url", None, None, "S3-compatible endpoint (MinIO, Ceph...); AWS when unset."],
+        ["s3-region", None, None, "S3 region."],
+        ["sse", None, None, "Server-side encryption: AES256 or aws:kms."],
+        ["sse-kms-key-id", None, None, "KMS key for --sse aws:kms."],
+        ["storage-class", None, None, "S3 storage class, e.g. STANDARD_IA."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["listen"] = []
+        self["secrets"] = []
+
+    def opt_listen(self, spec):
+        """Twisted server endpoint to listen on, repeatable (default tcp:3333)."""
+        self["listen"].append(spec)
+
+    def opt_secret(self, value):
+        """Shared secret of the streaming profile; repeatable, for rotation."""
+        if not value:
+            raise usage.UsageError("--secret may not be empty.")
+        self["secrets"].append(value)
+
+    def opt_secret_file(self, path):
+        """File holding secrets, one a line; relative paths are also looked up in
+        $CREDENTIALS_DIRECTORY (systemd LoadCredential=)."""
+        candidates = [path]
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if creds and not os.path.isabs(path):
+            candidates.insert(0, os.path.join(creds, path))
+        for candidate in candidates:
+            try:
+                with open(candidate, encoding="utf-8") as f:
+                    lines = [line.strip() for line in f.read().splitlines()]
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise usage.UsageError(f"The secret file {path} cannot be read: {e.strerror}.")
+            secrets = [line for line in lines if line]
+            if not secrets:
+                raise usage.UsageError(f"The secret file {path} is empty.")
+            self["secrets"].extend(secrets)
+            return
+        raise usage.UsageError(f"The secret file {path} does not exist.")
+
+    def postOptions(self):
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        env_secret = os.environ.get("EVRECORDER_SECRET")
+        if env_secret:
+            self["secrets"].append(env_secret)
+        for name, convert in _OPTION_TYPES.items():
+            try:
+                self[name] = convert(self[name])
+            except ValueError as e:
+                raise usage.UsageError(f"--{name}: {e}.") from None
+        roles = tuple(r.strip() for r in self["channel-map"].split(","))
+        if sorted(roles) != sorted(ROLE_OF.values()):
+            raise usage.UsageError(
+                f"--channel-map must name agent and caller once each, as left,right "
+                f"(got {self['channel-map']!r})."
+            )
+        self["channel-map"] = roles
+        if self["format"] not in wav.FORMATS:
+            raise usage.UsageError(f"--format must be pcm16 or mulaw (got {self['format']!r}).")
+        try:
+            keys.check_template(self["key-template"])
+        except ValueError as e:
+            raise usage.UsageError(f"--key-template: {e}.") from None
+        if self["sse"] not in (None, "AES256", "aws:kms"):
+            raise usage.UsageError(f"--sse must be AES256 or aws:kms (got {self['sse']!r}).")
+        if self["sse-kms-key-id"] and self["sse"] != "aws:kms":
+            raise usage.UsageError("--sse-kms-key-id needs --sse aws:kms.")
+        try:
+            store_from_url(self["archive"], **self.s3_options())
+        except ValueError as e:
+            raise usage.UsageError(f"--archive: {e}.") from None
+
+    def s3_options(self) -> dict:
+        if not self["archive"].startswith("s3:"):
+            return {}
+        return {
+            "endpoint_url": self["s3-endpoint-url"],
+            "region": self["s3-region"],
+            "sse": self["sse"],
+            "sse_kms_key_id": self["sse-kms-key-id"],
+            "storage_class": self["storage-class"],
+        }
+
+    def settings(self) -> Settings:
+        return Settings(
+            spool=self["spool"],
+            archive=self["archive"],
+            secrets=list(self["secrets"]),
+            secret_header=self["secret-header"],
+            channel_map=self["channel-map"],
+            format=self["format"],
+            key_template=self["key-template"],
+            reorder_window=self["reorder-window"],
+            reconnect_grace=self["reconnect-grace"],
+            idle_timeout=self["idle-timeout"],
+            max_call_duration=self["max-call-duration"],
+            drain_timeout=self["drain-timeout"],
+            max_message_size=self["max-message-size"],
+            handshake_timeout=self["handshake-timeout"],
+            max_connections=self["max-connections"],
+            upload_concurrency=self["upload-concurrency"],
+            s3=self.s3_options(),
+        )
+
+
+def makeService(config: Options):
+    from twisted.internet import reactor
+
+    from evrecorder.service import RecorderService
+
+    settings = config.settings()
+    store = store_from_url(settings.archive, **settings.s3)
+    return RecorderService(settings, store, reactor, listen=config["listen"])
