@@ -181,7 +181,7 @@ class RecorderProtocol(WebSocketServerProtocol):
             peer=self._peer_name, code=code, reason=reason,
             call_id=call.call_id if call else "-", session_id=call.session_id if call else "-",
         )
-        self.sendClose(code, reason[:120])
+        self.close_with(code, reason)
 
     def _check_message_secret(self, msg: dict) -> None:
         secret = msg.get("secret")
@@ -273,7 +273,19 @@ class RecorderProtocol(WebSocketServerProtocol):
     def end_call(self, code: int, reason: str) -> None:
         self._call = None
         self._start_metadata = None
-        self.sendClose(code, reason)
+        self.close_with(code, reason)
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Start the closing handshake with any RFC 6455 code.
+
+        Autobahn's ``sendClose`` only lets applications send 1000 and
+        3000-4999; the protocol's own codes (1001, 1003, 1007, 1008 ...) say
+        exactly what went wrong, so send the close frame directly.
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        data = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+        self.sendCloseFrame(code=code, reasonUtf8=data, isReply=False)
 
     def onClose(self, wasClean, code, reason):
         call, self._call = self._call, None
@@ -317,4 +329,4 @@ class RecorderFactory(WebSocketServerFactory):
 
     def close_all(self, code: int = 1001, reason: str = "recorder shutting down") -> None:
         for proto in list(self.sockets):
-            proto.sendClose(code, reason)
+            proto.close_with(code, reason)

@@ -29,6 +29,7 @@ class Recorder:
         self.reactor = reactor
         self.archive = str(tmp_path / "recordings")
         settings.setdefault("spool", str(tmp_path / "spool"))
+        settings.setdefault("drain_timeout", 1.0)  # tests end with calls still open
         self.settings = Settings(archive=self.archive, **settings)
         self.store = store or LocalStore(self.archive)
         self.service = RecorderService(self.settings, self.store, reactor)

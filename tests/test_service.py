@@ -111,3 +111,239 @@ async def test_channel_map_swaps_sides(recorder_factory):
     [sidecar] = await rec.archived()
     assert_channels(sidecar, b"".join(caller), b"".join(agent))
     assert sidecar["audio"]["channelMap"] == ["caller", "agent"]
+
+
+async def archived_none(rec, wait: float = 0.3) -> None:
+    await sleep(wait)
+    found = [f for _, _, fs in os.walk(rec.archive) for f in fs]
+    assert found == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_reorder_duplicates_and_gaps(recorder):
+    """Late frames are put in place, duplicates dropped, a lost frame becomes silence."""
+    agent = frames(20, 7)
+    order = [1, 2, 4, 3, 5, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 2]
+    conn = await connect(reactor(), recorder.port)
+    conn.send_all([connected(), start()])
+    for seq in order:
+        conn.send(media(AGENT, seq, agent[seq - 1]))
+    conn.send(stop())
+    assert (await conn.closed)[0] == 1000
+    [sidecar] = await recorder.archived()
+    want = agent[:8] + [b"\xff" * 160] + agent[9:]  # frame 9 never came
+    assert_channels(sidecar, b"".join(want), b"\xff" * 160 * 20)
+    side = sidecar["perspectives"][AGENT]
+    assert (side["frames"], side["missing"], side["duplicates"], side["reordered"], side["late"]) == (
+        19, 1, 2, 1, 0)
+    assert sidecar["perspectives"][CALLER]["frames"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_frame_after_window_is_late_and_dropped(recorder_factory):
+    """A frame arriving after the reorder window is counted late; its slot stays silent."""
+    rec = await recorder_factory(reorder_window=3)
+    agent = frames(10, 8)
+    conn = await connect(reactor(), rec.port)
+    conn.send_all([connected(), start()])
+    for seq in [1, 2, 4, 5, 6, 7, 8, 3, 9, 10]:
+        conn.send(media(AGENT, seq, agent[seq - 1]))
+    conn.send(stop())
+    await conn.closed
+    [sidecar] = await rec.archived()
+    want = agent[:2] + [b"\xff" * 160] + agent[3:]
+    assert_channels(sidecar, b"".join(want), b"\xff" * 1600)
+    side = sidecar["perspectives"][AGENT]
+    assert (side["frames"], side["missing"], side["late"]) == (9, 1, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_late_starting_perspective_is_offset(recorder):
+    """A perspective that starts later starts at its arrival time, in whole frames."""
+    agent, caller = frames(30, 9), frames(10, 10)
+    conn = await connect(reactor(), recorder.port)
+    conn.send_all([connected(), start()])
+    for i in range(10):
+        conn.send(media(AGENT, i + 1, agent[i]))
+    await sleep(0.3)
+    for i in range(10, 30):
+        conn.send(media(AGENT, i + 1, agent[i]))
+    for i in range(10):
+        conn.send(media(CALLER, i + 1, caller[i]))
+    conn.send(stop())
+    conn.send(stop())
+    await conn.closed
+    [sidecar] = await recorder.archived()
+    offset = sidecar["perspectives"][CALLER]["offsetSamples"]
+    assert offset % 160 == 0 and 14 * 160 <= offset <= 30 * 160  # 0.3 s, give or take the host
+    length = max(30 * 160, offset + 1600)
+    want_right = b"\xff" * offset + b"".join(caller) + b"\xff" * (length - offset - 1600)
+    want_left = b"".join(agent) + b"\xff" * (length - 4800)
+    assert_channels(sidecar, want_left, want_right)
+
+
+@pytest_twisted.ensureDeferred
+async def test_split_sockets_make_one_recording(recorder):
+    """Agent and caller on two sockets with the same callId/sessionId: one recording."""
+    agent, caller = frames(25, 11), frames(25, 12)
+    a = await connect(reactor(), recorder.port)
+    b = await connect(reactor(), recorder.port)
+    for conn, p, audio in ((a, AGENT, agent), (b, CALLER, caller)):
+        conn.send_all([connected(), start()])
+    for i in range(25):
+        a.send(media(AGENT, i + 1, agent[i]))
+        b.send(media(CALLER, i + 1, caller[i]))
+    a.send(stop())
+    await sleep(0.05)
+    b.send(stop())
+    assert (await a.closed)[0] == 1000 and (await b.closed)[0] == 1000
+    [sidecar] = await recorder.archived()
+    assert_channels(sidecar, b"".join(agent), b"".join(caller))
+    assert sidecar["complete"] is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnect_inside_grace_continues_the_recording(recorder_factory):
+    """A socket that drops and comes back within the grace period continues the same file."""
+    rec = await recorder_factory(reconnect_grace=5.0)
+    agent, caller = frames(20, 13), frames(20, 14)
+    first = await connect(reactor(), rec.port)
+    first.send_all([connected(), start()])
+    for i in range(10):
+        first.send(media(AGENT, i + 1, agent[i]))
+        first.send(media(CALLER, i + 1, caller[i]))
+    await sleep(0.1)
+    first.drop()
+    await first.closed
+    await sleep(0.2)
+    second = await connect(reactor(), rec.port)
+    second.send_all([connected(), start()])
+    for i in range(10, 20):
+        second.send(media(AGENT, i + 1, agent[i]))
+        second.send(media(CALLER, i + 1, caller[i]))
+    second.send(stop())
+    second.send(stop())
+    assert (await second.closed)[0] == 1000
+    [sidecar] = await rec.archived()
+    assert_channels(sidecar, b"".join(agent), b"".join(caller))
+    assert sidecar["complete"] is True and sidecar["endReason"] == "stop"
+
+
+@pytest_twisted.ensureDeferred
+async def test_call_without_stop_is_archived_incomplete(recorder_factory):
+    """Sockets gone without Stop: after the grace period the call is archived, incomplete."""
+    rec = await recorder_factory(reconnect_grace=0.2)
+    agent = frames(10, 15)
+    conn = await connect(reactor(), rec.port)
+    conn.send_all([connected(), start()] + [media(AGENT, i + 1, agent[i]) for i in range(10)])
+    await sleep(0.1)
+    conn.drop()
+    [sidecar] = await rec.archived()
+    assert sidecar["complete"] is False and sidecar["endReason"] == "disconnect"
+    assert_channels(sidecar, b"".join(agent), b"\xff" * 1600)
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_call_times_out(recorder_factory):
+    """A call whose socket stays open but silent ends as "timeout" and is closed with 1001."""
+    rec = await recorder_factory(idle_timeout=0.3)
+    conn = await connect(reactor(), rec.port)
+    conn.send_all([connected(), start(), media(AGENT, 1, frames(1, 16)[0])])
+    code, _ = await conn.closed
+    assert code == 1001
+    [sidecar] = await rec.archived()
+    assert sidecar["endReason"] == "timeout" and sidecar["complete"] is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_duration_cuts_the_call(recorder_factory):
+    """A call longer than --max-call-duration is cut and archived as "max-duration"."""
+    rec = await recorder_factory(max_call_duration=0.4)
+    conn = await connect(reactor(), rec.port)
+    conn.send_all([connected(), start()])
+    seq = 0
+    while not conn.closed.called and seq < 200:
+        seq += 1
+        conn.send(media(AGENT, seq, b"\x10" * 160))
+        await sleep(0.02)
+    assert (await conn.closed)[0] == 1001
+    [sidecar] = await rec.archived()
+    assert sidecar["endReason"] == "max-duration"
+    assert sidecar["perspectives"][AGENT]["frames"] >= 5
+
+
+# -- secret ------------------------------------------------------------------
+
+SECRET = "s3cr3t-Value"
+
+
+def secret_ways():
+    return {
+        "bearer": dict(headers={"Authorization": "Bearer " + SECRET}),
+        "bare-authorization": dict(headers={"Authorization": SECRET}),
+        "x-secret": dict(headers={"X-Secret": SECRET}),
+        "query": dict(query={"secret": SECRET, "callId": "12345"}),
+        "connected": dict(pre=[connected(secret=SECRET), start()]),
+        "start": dict(pre=[connected(), dict(start(), secret=SECRET)]),
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_secret_accepted_in_every_place_and_never_kept(recorder_factory):
+    """The secret works from each accepted place and appears in no log line or sidecar."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        rec = await recorder_factory(secrets=["old-one", SECRET])
+        ways = secret_ways()
+        for n, (name, kw) in enumerate(ways.items()):
+            agent = frames(5, 20 + n)
+            code, _ = await record_call(rec, agent, [], call_id=f"call-{name}", **kw)
+            assert code == 1000, name
+        sidecars = await rec.archived(len(ways))
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert len(sidecars) == len(ways)
+    for sidecar in sidecars:
+        assert SECRET not in open(sidecar["_wav"][:-4] + ".json").read()
+        assert "secret" not in sidecar["query"]
+    for event in seen:
+        assert SECRET not in (formatEvent(event) or "") and SECRET not in repr(event)
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_secret_is_refused_at_handshake(recorder_factory):
+    """A wrong secret at the handshake gets HTTP 403 and nothing is recorded."""
+    rec = await recorder_factory(secrets=[SECRET])
+    for kw in ({"headers": {"Authorization": "Bearer nope"}}, {"query": {"secret": "nope"}}):
+        try:
+            await connect(reactor(), rec.port, **kw)
+        except HandshakeRefused as e:
+            assert e.status == 403
+        else:
+            raise AssertionError("the handshake was accepted")
+    await archived_none(rec)
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_secret_closes_1008_and_keeps_nothing(recorder_factory):
+    """No secret before the first Media: close 1008, nothing spooled or archived."""
+    rec = await recorder_factory(secrets=[SECRET])
+    conn = await connect(reactor(), rec.port)
+    conn.send_all([connected(), start(), media(AGENT, 1, b"\x01" * 160)])
+    code, _ = await conn.closed
+    assert code == 1008
+    await archived_none(rec)
+    assert os.listdir(os.path.join(rec.settings.spool, "calls")) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_secret_in_message_closes_1008(recorder_factory):
+    """A wrong secret in the Connected message closes the socket with 1008."""
+    rec = await recorder_factory(secrets=[SECRET])
+    conn = await connect(reactor(), rec.port)
+    conn.send_all([connected(secret="nope"), start(), media(AGENT, 1, b"\x01" * 160)])
+    assert (await conn.closed)[0] == 1008
+    await archived_none(rec)

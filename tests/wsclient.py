@@ -23,7 +23,7 @@ class _Protocol(WebSocketClientProtocol):
 
     def onClose(self, wasClean, code, reason):
         if not self.factory.opened.called:
-            m = re.search(r"upgrade failed \((\d{3})", reason or "")
+            m = re.search(r"upgrade failed [(\[](\d{3})", reason or "")
             self.factory.opened.errback(
                 HandshakeRefused(int(m.group(1)) if m else None, reason or "")
             )
