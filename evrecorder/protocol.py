@@ -316,6 +316,7 @@ class RecorderFactory(WebSocketServerFactory):
             maxFramePayloadSize=settings.max_message_size,
             openHandshakeTimeout=settings.handshake_timeout,
             closeHandshakeTimeout=5,
+            failByDrop=False,  # tell a misbehaving client why (1009, 1002) before dropping
             autoPingInterval=settings.ping_interval,
             autoPingTimeout=settings.ping_timeout,
             maxConnections=settings.max_connections,

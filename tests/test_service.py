@@ -347,3 +347,55 @@ async def test_wrong_secret_in_message_closes_1008(recorder_factory):
     conn.send_all([connected(secret="nope"), start(), media(AGENT, 1, b"\x01" * 160)])
     assert (await conn.closed)[0] == 1008
     await archived_none(rec)
+
+
+# -- bad input: each closes its own socket and costs the call beside it nothing --
+
+BAD_INPUTS = {
+    "invalid-json": ([connected(), "{not json"], 1007),
+    "not-an-object": ([connected(), "[1, 2]"], 1007),
+    "unknown-event": ([connected(), {"event": "Bogus"}], 1003),
+    "binary-frame": ([connected(), b"\x00\x01binary"], 1003),
+    "media-before-start": ([connected(), media(AGENT, 1, b"\x01" * 160)], 1008),
+    "bad-base64": ([connected(), start("bad"), dict(media(AGENT, 1, b""), media="@@@notbase64")], 1007),
+    "empty-payload": ([connected(), start("bad"), media(AGENT, 1, b"")], 1007),
+    "huge-message": ([connected(), start("bad"), media(AGENT, 1, b"\x01" * (10 * 1024 * 1024))], 1009),
+    "huge-payload": ([connected(), start("bad"), media(AGENT, 1, b"\x01" * 9000)], 1007),
+    "non-numeric-seq": ([connected(), start("bad"), media(AGENT, "abc", b"\x01" * 160)], 1007),
+    "absurd-seq": ([connected(), start("bad"), media(AGENT, "9" * 30, b"\x01" * 160)], 1007),
+    "seq-out-of-range": ([connected(), start("bad"), media(AGENT, 1, b"\x01" * 160),
+                          media(AGENT, 10**15, b"\x01" * 160)], 1007),
+    "unknown-perspective": ([connected(), start("bad"), media("Spy", 1, b"\x01" * 160)], 1007),
+    "not-mulaw": ([connected(), start("bad", contentType="audio/l16", sampleRateHertz=16000)], 1003),
+    "not-8khz": ([connected(), start("bad", sampleRateHertz=16000)], 1003),
+    "second-start-differs": ([connected(), start("bad"), start("other")], 1008),
+    "after-stop": ([connected(), start("bad"), media(AGENT, 1, b"\x01" * 160), stop(),
+                    media(AGENT, 2, b"\x01" * 160)], 1000),
+}
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_input_closes_only_its_socket(recorder):
+    """Each kind of bad input gets its close code; a call running beside them stays exact."""
+    agent, caller = frames(60, 30), frames(60, 31)
+    good = await connect(reactor(), recorder.port)
+    good.send_all([connected(), start("good-call")])
+    results = {}
+    for i, (name, (msgs, _)) in enumerate(BAD_INPUTS.items()):
+        good.send(media(AGENT, i + 1, agent[i]))
+        good.send(media(CALLER, i + 1, caller[i]))
+        bad = await connect(reactor(), recorder.port)
+        for m in msgs:
+            bad.send(m, binary=isinstance(m, bytes))
+        results[name] = (await bad.closed)[0]
+    for i in range(len(BAD_INPUTS), 60):
+        good.send(media(AGENT, i + 1, agent[i]))
+        good.send(media(CALLER, i + 1, caller[i]))
+    good.send(stop())
+    good.send(stop())
+    assert (await good.closed)[0] == 1000
+    assert results == {name: code for name, (_, code) in BAD_INPUTS.items()}
+    await recorder.stop()  # the bad calls that started end now
+    sidecars = {s["callId"]: s for s in await recorder.archived(2)}
+    assert_channels(sidecars["good-call"], b"".join(agent), b"".join(caller))
+    assert sidecars["good-call"]["complete"] is True
