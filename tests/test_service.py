@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import os
 
 import pytest_twisted
@@ -399,3 +399,36 @@ async def test_bad_input_closes_only_its_socket(recorder):
     sidecars = {s["callId"]: s for s in await recorder.archived(2)}
     assert_channels(sidecars["good-call"], b"".join(agent), b"".join(caller))
     assert sidecars["good-call"]["complete"] is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_replay_of_a_stereo_wav_is_archived_exact(recorder, tmp_path):
+    """evrecorder-replay streams a stereo WAV; the archive holds it, per channel, as G.711 keeps it."""
+    import array
+    import subprocess
+    import wave
+
+    from evrecorder import replay
+
+    left = array.array("h", [((i * 37) % 2000 - 1000) * 16 for i in range(8000)])
+    right = array.array("h", [((i * 91) % 3000 - 1500) * 8 for i in range(8000)])
+    both = array.array("h", [s for pair in zip(left, right) for s in pair])
+    src = tmp_path / "input.wav"
+    with wave.open(str(src), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(both.tobytes())
+    out = io.StringIO()
+    status = await replay.run(
+        reactor(), [str(src), f"ws://127.0.0.1:{recorder.port}/", "--flood", "--call-id", "demo"],
+        out=out,
+    )
+    assert status == 0, out.getvalue()
+    [sidecar] = await recorder.archived()
+    info = subprocess.run(["soxi", sidecar["_wav"]], capture_output=True, text=True).stdout
+    assert "Channels       : 2" in info and "Sample Rate    : 8000" in info
+    from evrecorder.g711 import pcm16le_to_ulaw
+
+    assert_channels(sidecar, pcm16le_to_ulaw(left.tobytes()), pcm16le_to_ulaw(right.tobytes()))
+    assert sidecar["callId"] == "demo" and sidecar["complete"] is True
