@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import boto3
 import pytest
+from boto3.s3.transfer import TransferConfig
 from botocore.awsrequest import AWSResponse
 from botocore.config import Config
 
@@ -280,6 +281,28 @@ def test_existing_different_wav_is_never_overwritten(tmp_path, s3_endpoint, s3_c
     assert s3_client.head_object(Bucket=bucket, Key=KEY + ".wav")["Metadata"] == metadata
     assert body(s3_client, bucket, KEY + "-2.wav") == rec.data
     assert rec.sidecar_keys == [KEY + "-2"]
+
+
+@pytest.mark.parametrize("size", [2000, 12 * MiB], ids=["single-part", "multipart"])
+def test_object_with_our_metadata_but_other_bytes_is_not_ours(tmp_path, s3_endpoint, s3_client,
+                                                              bucket, size):
+    """An object claiming our sha256 and size but failing the SHA-256 checksum is left; we use K-2."""
+    rec = recording(tmp_path, os.urandom(size))
+    impostor = tmp_path / "impostor.wav"
+    impostor.write_bytes(os.urandom(size))
+    # Uploaded with the part layout the store uses, so the checksums are comparable.
+    s3_client.upload_file(
+        str(impostor), bucket, KEY + ".wav",
+        ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": rec.item.wav_sha256}},
+        Config=TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB),
+    )
+    store = S3Store(bucket, endpoint_url=s3_endpoint,
+                    multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+
+    assert store.publish(rec.item) == KEY + "-2"
+
+    assert body(s3_client, bucket, KEY + ".wav") == impostor.read_bytes()
+    assert body(s3_client, bucket, KEY + "-2.wav") == rec.data
 
 
 def test_next_free_key_after_two_collisions(tmp_path, s3_endpoint, s3_client, bucket):
