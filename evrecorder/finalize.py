@@ -113,10 +113,10 @@ def finalize(
     samples = max(left.end, right.end)
 
     start = first_media_at if first_media_at is not None else header["connectedAt"]
-    key = keys.format_key(
-        settings.key_template,
-        keys.key_fields(header.get("metadata") or {}, header.get("query") or {}, start),
-    )
+    fields = keys.key_fields(header.get("metadata") or {}, header.get("query") or {}, start)
+    # The ids the call was keyed by, wherever they came from (metadata or query).
+    fields.update(callId=header["callId"], sessionId=header["sessionId"])
+    key = keys.format_key(settings.key_template, fields)
     sidecar = {
         "schema": SCHEMA,
         "callId": header["callId"],
