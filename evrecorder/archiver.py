@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from evrecorder.finalize import SCHEMA, finalize, rfc3339
+from evrecorder.metrics import Metrics
 from evrecorder.settings import Settings
 from evrecorder.spool import SIDECAR_FILE, WAV_FILE, CallSpool, Spool
 from evrecorder.stores import PublishItem, Store, StoreError
@@ -62,7 +63,9 @@ class Archiver(service.Service):
         settings: Settings,
         reactor,
         run_blocking: Callable[..., defer.Deferred] | None = None,
+        metrics: Metrics | None = None,
     ):
+        self.metrics = metrics or Metrics()
         self.spool = spool
         self.store = store
         self.settings = settings
@@ -71,12 +74,11 @@ class Archiver(service.Service):
         self._run_blocking = run_blocking
         self._queue: list[CallSpool] = []
         self._attempts: dict[str, int] = {}
+        self._waiting_since: dict[str, float] = {}  # unconfirmed entry -> when it was queued
         self._retries: dict[str, object] = {}
         self._uploading = 0
         self._in_flight: set[defer.Deferred] = set()
         self._idle_waiters: list[defer.Deferred] = []
-        self.archived = 0
-        self.failures = 0
         self.live_paths: Callable[[], set[str]] = set
         self._stopping = False
 
@@ -171,6 +173,7 @@ class Archiver(service.Service):
         d = self._blocking(finalize, entry, self.settings)
 
         def finalized(sidecar):
+            self.metrics.call_finalized(sidecar)
             log.info(
                 "finalized {call_id}/{session_id}: {seconds:.1f} s, endReason {reason}",
                 call_id=sidecar["callId"], session_id=sidecar["sessionId"],
@@ -191,6 +194,7 @@ class Archiver(service.Service):
     def _enqueue(self, entry: CallSpool) -> None:
         if not self.running:
             return  # stays in the spool; recovered at the next start
+        self._waiting_since.setdefault(entry.path, self._reactor.seconds())
         self._queue.append(entry)
         self._pump()
 
@@ -206,6 +210,8 @@ class Archiver(service.Service):
         self._check_idle()
 
     def _upload(self, entry: CallSpool) -> defer.Deferred:
+        started = self._reactor.seconds()
+
         def publish():
             sidecar, item = _load_item(entry)
 
@@ -222,17 +228,23 @@ class Archiver(service.Service):
         def published(result):
             sidecar, key = result
             self._attempts.pop(entry.path, None)
-            self.archived += 1
+            self._waiting_since.pop(entry.path, None)
+            self.metrics.archived.labels(sidecar["endReason"]).inc()
+            self.metrics.upload_seconds.observe(self._reactor.seconds() - started)
+            agent, caller = sidecar["perspectives"]["Participant"], sidecar["perspectives"]["Conference"]
             log.info(
-                "archived {call_id}/{session_id} to {store} as {key} "
-                "({nbytes} bytes, endReason {reason})",
+                "archived {call_id}/{session_id} as {key} to {store}: {seconds:.1f} s, "
+                "endReason {reason}, agent {agent_frames} frames ({agent_missing} missing), "
+                "caller {caller_frames} frames ({caller_missing} missing), {nbytes} bytes",
                 call_id=sidecar["callId"], session_id=sidecar["sessionId"],
-                store=self.store.describe(), key=key,
+                store=self.store.describe(), key=key, seconds=sidecar["audio"]["durationSeconds"],
                 nbytes=sidecar["audio"]["bytes"], reason=sidecar["endReason"],
+                agent_frames=agent["frames"], agent_missing=agent["missing"],
+                caller_frames=caller["frames"], caller_missing=caller["missing"],
             )
 
         def failed(f):
-            self.failures += 1
+            self.metrics.archive_failures.inc()
             attempt = self._attempts.get(entry.path, 0) + 1
             self._attempts[entry.path] = attempt
             s = self.settings
@@ -259,7 +271,13 @@ class Archiver(service.Service):
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue) + self._uploading + len(self._retries)
+        """Finished calls not yet confirmed by the store."""
+        return len(self._waiting_since)
+
+    def oldest_age(self) -> float:
+        if not self._waiting_since:
+            return 0.0
+        return self._reactor.seconds() - min(self._waiting_since.values())
 
 
 def _sentence(exc: BaseException) -> str:

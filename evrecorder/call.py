@@ -22,6 +22,7 @@ from typing import Callable, Protocol
 
 from twisted.logger import Logger
 
+from evrecorder.metrics import Metrics
 from evrecorder.settings import PERSPECTIVES, Settings
 from evrecorder.spool import CallSpool, Spool
 
@@ -125,6 +126,9 @@ class Call:
             sent.add(perspective)
         self.spool.append_frame(perspective, seq, payload)
         self.frames_received += 1
+        metrics = self._registry.metrics
+        metrics.frames[perspective] += 1
+        metrics.media_bytes[perspective] += len(payload)
 
     def _start_perspective(self, perspective: str, seq: int, now: float) -> None:
         if self.first_media_at is None:
@@ -245,7 +249,9 @@ class CallRegistry:
         settings: Settings,
         clock: Clock,
         on_ended: Callable[[Call], None],
+        metrics: Metrics | None = None,
     ):
+        self.metrics = metrics or Metrics()
         self.spool = spool
         self.settings = settings
         self.clock = clock
@@ -265,6 +271,8 @@ class CallRegistry:
         key = (call_id, session_id)
         call = self.calls.get(key)
         if call is None:
+            if len(self.calls) >= self.settings.max_calls:
+                raise CallError(1013, f"at capacity ({self.settings.max_calls} calls)")
             entry = self.spool.new_call(call_id, session_id, connected_at)
             entry.create(
                 {
@@ -279,8 +287,9 @@ class CallRegistry:
             call = Call(self, entry, call_id, session_id, metadata, connected_at)
             self.calls[key] = call
             log.info(
-                "call {call_id}/{session_id} started",
-                call_id=call_id, session_id=session_id,
+                "call {call_id}/{session_id} started: agent {agent_id}, ani {ani}, dnis {dnis}",
+                call_id=call_id, session_id=session_id, agent_id=metadata.get("agentId", "-"),
+                ani=self._phone(metadata.get("ani")), dnis=self._phone(metadata.get("dnis")),
             )
         else:
             log.info(
@@ -289,6 +298,18 @@ class CallRegistry:
             )
         call.attach(conn)
         return call
+
+    def _phone(self, number) -> str:
+        """Phone numbers are personal data: logged masked but for the last 4 digits."""
+        if number is None:
+            return "-"
+        number = str(number)
+        if self.settings.log_phone_numbers:
+            return number
+        return "*" * max(0, len(number) - 4) + number[-4:]
+
+    def has_call(self, call_id: str | None, session_id: str | None) -> bool:
+        return any(k[0] == call_id and (session_id is None or k[1] == session_id) for k in self.calls)
 
     def call_ended(self, call: Call) -> None:
         if self.calls.get(call.key) is call:

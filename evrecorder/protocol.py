@@ -34,6 +34,8 @@ from evrecorder.settings import PERSPECTIVES, Settings
 
 _log = Logger()
 
+_CALL_ID = ("callId", "callid", "call_id")
+_SESSION_ID = ("sessionId", "sessionid", "session_id")
 _MULAW_TYPES = {"audio/x-mulaw", "audio/mulaw", "audio/basic", "audio/pcmu", "mulaw", "ulaw", "pcmu"}
 
 
@@ -120,6 +122,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         self._peer_name = request.peer
         self._connected_at = factory.clock.seconds()
         if factory.draining:
+            factory.metrics.rejected["draining"] += 1
             raise ConnectionDeny(503, "draining: try another recorder")
         params = dict(request.params)
         presented = []
@@ -135,11 +138,19 @@ class RecorderProtocol(WebSocketServerProtocol):
         if presented:
             if checker.required and not all(checker.matches(p) for p in presented):
                 _log.warn("handshake from {peer} refused: wrong secret", peer=request.peer)
+                factory.metrics.rejected["secret"] += 1
                 raise ConnectionDeny(403, "forbidden")
             self._authenticated = True
         else:
             self._authenticated = not checker.required
         self._query = _first_values(params)
+        registry = factory.registry
+        if len(registry.calls) >= factory.settings.max_calls and not registry.has_call(
+            _key_part({}, self._query, _CALL_ID), _key_part({}, self._query, _SESSION_ID)
+        ):
+            _log.warn("handshake from {peer} refused: at capacity", peer=request.peer)
+            factory.metrics.rejected["capacity"] += 1
+            raise ConnectionDeny(503, "at capacity: try another recorder")
         return None
 
     # -- messages --------------------------------------------------------
@@ -176,6 +187,7 @@ class RecorderProtocol(WebSocketServerProtocol):
 
     def _bad_input(self, code: int, reason: str) -> None:
         call = self._call
+        self.factory.metrics.closed[code] += 1
         _log.warn(
             "closing socket from {peer} (call {call_id}/{session_id}) with {code}: {reason}",
             peer=self._peer_name, code=code, reason=reason,
@@ -205,7 +217,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         problem = _content_type_ok(metadata)
         if problem:
             raise CallError(1003, problem + ": refusing to record it as noise")
-        if _key_part(metadata, self._query, ("callId", "callid", "call_id")) is None:
+        if _key_part(metadata, self._query, _CALL_ID) is None:
             raise CallError(1008, "Start names no callId (neither metadata nor query)")
         self._start_metadata = metadata
         self._join()
@@ -215,8 +227,8 @@ class RecorderProtocol(WebSocketServerProtocol):
         if self._call is not None or not self._authenticated or self._start_metadata is None:
             return
         metadata = self._start_metadata
-        call_id = _key_part(metadata, self._query, ("callId", "callid", "call_id"))
-        session_id = _key_part(metadata, self._query, ("sessionId", "sessionid", "session_id")) or ""
+        call_id = _key_part(metadata, self._query, _CALL_ID)
+        session_id = _key_part(metadata, self._query, _SESSION_ID) or ""
         self._call = self.factory.registry.join(
             self, call_id, session_id, metadata, self._query, self._connected_at
         )
@@ -308,6 +320,7 @@ class RecorderFactory(WebSocketServerFactory):
         self.settings = settings
         self.clock = clock
         self.secrets = SecretChecker(settings.secrets)
+        self.metrics = registry.metrics
         self.draining = False
         self.sockets: set[RecorderProtocol] = set()
         self.setProtocolOptions(

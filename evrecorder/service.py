@@ -15,9 +15,11 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.web.server import Site
 
 from evrecorder.archiver import Archiver
 from evrecorder.call import CallRegistry
+from evrecorder.metrics import Metrics, site_root
 from evrecorder.protocol import RecorderFactory
 from evrecorder.settings import Settings
 from evrecorder.spool import Spool
@@ -29,26 +31,55 @@ log = Logger()
 class RecorderService(service.MultiService):
     """Owns the calls; its children are the archiver and the listeners."""
 
-    def __init__(self, settings: Settings, store: Store, reactor, listen: list[str] = ()):
+    def __init__(
+        self, settings: Settings, store: Store, reactor, listen: list[str] = (),
+        metrics_listen: list[str] = (),
+    ):
         super().__init__()
         self.settings = settings
         self._reactor = reactor
+        self.metrics = Metrics()
         self.spool = Spool(settings.spool)
-        self.archiver = Archiver(self.spool, store, settings, reactor)
+        self.archiver = Archiver(self.spool, store, settings, reactor, metrics=self.metrics)
         self.archiver.setServiceParent(self)
-        self.registry = CallRegistry(self.spool, settings, reactor, self._call_ended)
+        self.registry = CallRegistry(
+            self.spool, settings, reactor, self._call_ended, metrics=self.metrics
+        )
         self.archiver.live_paths = lambda: {c.spool.path for c in self.registry.calls.values()}
         self.factory = RecorderFactory(self.registry, settings, reactor)
+        self.metrics.gauges.update({
+            "evrecorder_active_calls": lambda: len(self.registry.calls),
+            "evrecorder_active_sockets": lambda: len(self.factory.sockets),
+            "evrecorder_upload_queue_depth": lambda: self.archiver.queue_depth,
+            "evrecorder_upload_oldest_age_seconds": self.archiver.oldest_age,
+            "evrecorder_draining": lambda: int(self.factory.draining),
+        })
         self.listeners: list[StreamServerEndpointService] = []
         for spec in listen:
             self.add_listener(spec)
+        for spec in metrics_listen:
+            self.add_metrics_listener(spec)
 
-    def add_listener(self, spec: str) -> StreamServerEndpointService:
-        svc = StreamServerEndpointService(serverFromString(self._reactor, spec), self.factory)
+    def add_listener(self, spec: str, factory=None) -> StreamServerEndpointService:
+        svc = StreamServerEndpointService(
+            serverFromString(self._reactor, spec), factory or self.factory
+        )
         svc._raiseSynchronously = True  # a port in use fails the start, loudly
         svc.setServiceParent(self)
         self.listeners.append(svc)
         return svc
+
+    def add_metrics_listener(self, spec: str) -> StreamServerEndpointService:
+        return self.add_listener(spec, Site(site_root(self.metrics, self.not_ready)))
+
+    def not_ready(self) -> str | None:
+        """Why this recorder should get no new calls now, or None."""
+        if self.factory.draining:
+            return "draining"
+        age = self.archiver.oldest_age()
+        if age > self.settings.ready_max_queue_age:
+            return f"the oldest unarchived recording has waited {age:.0f} s"
+        return None
 
     def _call_ended(self, call) -> None:
         self.archiver.finalize(call.spool)

@@ -36,6 +36,11 @@ class Settings:
     ping_timeout: float = 20.0
     max_connections: int = 10000
     upload_concurrency: int = 4
+    max_calls: int = 2000
+    """Most calls in progress at once; a new call beyond it is refused (503 / 1013)."""
+    ready_max_queue_age: float = 600.0
+    """/readyz fails when the oldest unconfirmed recording is older than this."""
+    log_phone_numbers: bool = False
     retry_initial: float = 1.0
     retry_max: float = 300.0
     s3: dict = field(default_factory=dict)

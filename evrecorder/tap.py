@@ -36,6 +36,8 @@ _OPTION_TYPES = {
     "handshake-timeout": _positive(float),
     "max-connections": _positive(int),
     "upload-concurrency": _positive(int),
+    "max-calls": _positive(int),
+    "ready-max-queue-age": _positive(float),
 }
 
 
@@ -64,6 +66,9 @@ class Options(usage.Options):
         ["handshake-timeout", None, 10.0, "Seconds a client has to finish the WebSocket handshake."],
         ["max-connections", None, 10000, "Most sockets at once; more get HTTP 503."],
         ["upload-concurrency", None, 4, "Recordings published to the archive at once."],
+        ["max-calls", None, 2000, "Most calls in progress; a new call beyond it gets 503."],
+        ["ready-max-queue-age", None, 600.0,
+         "/readyz fails when a recording has waited this many seconds for the archive."],
         ["s3-endpoint-url", None, None, "S3-compatible endpoint (MinIO, Ceph...); AWS when unset."],
         ["s3-region", None, None, "S3 region."],
         ["sse", None, None, "Server-side encryption: AES256 or aws:kms."],
@@ -71,10 +76,20 @@ class Options(usage.Options):
         ["storage-class", None, None, "S3 storage class, e.g. STANDARD_IA."],
     ]
 
+    optFlags = [
+        ["log-phone-numbers", None, "Log ani/dnis in full (masked but for 4 digits by default)."],
+    ]
+
     def __init__(self):
         super().__init__()
         self["listen"] = []
+        self["metrics"] = []
         self["secrets"] = []
+
+    def opt_metrics(self, spec):
+        """Endpoint serving /metrics (Prometheus), /healthz and /readyz, e.g. tcp:9100;
+        repeatable. Off by default."""
+        self["metrics"].append(spec)
 
     def opt_listen(self, spec):
         """Twisted server endpoint to listen on, repeatable (default tcp:3333)."""
@@ -170,6 +185,9 @@ class Options(usage.Options):
             handshake_timeout=self["handshake-timeout"],
             max_connections=self["max-connections"],
             upload_concurrency=self["upload-concurrency"],
+            max_calls=self["max-calls"],
+            ready_max_queue_age=self["ready-max-queue-age"],
+            log_phone_numbers=bool(self["log-phone-numbers"]),
             s3=self.s3_options(),
         )
 
@@ -181,4 +199,6 @@ def makeService(config: Options):
 
     settings = config.settings()
     store = store_from_url(settings.archive, **settings.s3)
-    return RecorderService(settings, store, reactor, listen=config["listen"])
+    return RecorderService(
+        settings, store, reactor, listen=config["listen"], metrics_listen=config["metrics"]
+    )

@@ -23,7 +23,7 @@ from evrecorder.stores import LocalStore  # noqa: E402
 class Recorder:
     """A RecorderService started in this process on 127.0.0.1:<random port>."""
 
-    def __init__(self, tmp_path, store=None, **settings):
+    def __init__(self, tmp_path, store=None, metrics=False, **settings):
         from twisted.internet import reactor
 
         self.reactor = reactor
@@ -35,12 +35,24 @@ class Recorder:
         self.service = RecorderService(self.settings, self.store, reactor)
         self._listener = self.service.add_listener("tcp:0:interface=127.0.0.1")
         self.port: int | None = None
+        self._metrics = self.service.add_metrics_listener("tcp:0:interface=127.0.0.1") if metrics else None
+        self.metrics_port: int | None = None
 
     async def start(self) -> "Recorder":
         self.service.startService()
         port = await self._listener._waitingForPort
         self.port = port.getHost().port
+        if self._metrics is not None:
+            self.metrics_port = (await self._metrics._waitingForPort).getHost().port
         return self
+
+    async def http_get(self, path: str) -> tuple[int, str]:
+        from twisted.web.client import Agent, readBody
+
+        response = await Agent(self.reactor).request(
+            b"GET", f"http://127.0.0.1:{self.metrics_port}{path}".encode()
+        )
+        return response.code, (await readBody(response)).decode()
 
     async def stop(self) -> None:
         if self.service.running:
@@ -69,10 +81,10 @@ async def recorder_factory(tmp_path):
     """Start recorders with settings; all are stopped at the end of the test."""
     started: list[Recorder] = []
 
-    async def make(store=None, subdir="r", **settings) -> Recorder:
+    async def make(store=None, subdir="r", metrics=False, **settings) -> Recorder:
         path = tmp_path / subdir
         path.mkdir(exist_ok=True)
-        rec = await Recorder(path, store=store, **settings).start()
+        rec = await Recorder(path, store=store, metrics=metrics, **settings).start()
         started.append(rec)
         return rec
 

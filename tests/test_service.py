@@ -386,6 +386,8 @@ async def test_bad_input_closes_only_its_socket(recorder):
         good.send(media(CALLER, i + 1, caller[i]))
         bad = await connect(reactor(), recorder.port)
         for m in msgs:
+            if isinstance(m, dict) and m.get("event") == "Start" and m["metadata"]["callId"] == "bad":
+                m = dict(m, metadata=dict(m["metadata"], callId=f"bad-{name}"))  # one call each
             bad.send(m, binary=isinstance(m, bytes))
         results[name] = (await bad.closed)[0]
     for i in range(len(BAD_INPUTS), 60):
@@ -395,8 +397,10 @@ async def test_bad_input_closes_only_its_socket(recorder):
     good.send(stop())
     assert (await good.closed)[0] == 1000
     assert results == {name: code for name, (_, code) in BAD_INPUTS.items()}
-    await recorder.stop()  # the bad calls that started end now
-    sidecars = {s["callId"]: s for s in await recorder.archived(2)}
+    await recorder.stop()  # the bad calls that started end now, and are archived
+    sidecars = {s["callId"]: s for s in await recorder.archived(1)}
+    assert sidecars["bad-after-stop"]["complete"] is True
+    assert "bad-not-mulaw" not in sidecars  # refused at Start: nothing recorded
     assert_channels(sidecars["good-call"], b"".join(agent), b"".join(caller))
     assert sidecars["good-call"]["complete"] is True
 

@@ -1,0 +1,115 @@
+"""Metrics and health: ``/metrics`` (Prometheus text), ``/healthz``, ``/readyz``.
+
+Counting on the per-message path is plain integer arithmetic on
+:class:`Metrics`; a custom collector turns those integers into metric
+families when Prometheus scrapes.  Rare events (archives, failures, upload
+latency) use prometheus_client's own Counter and Histogram.  Each recorder has
+its own ``CollectorRegistry``, so several in one process (tests) don't collide.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+
+PLACEMENT_COUNTERS = ("missing", "duplicates", "reordered", "late")
+
+
+class Metrics:
+    """What the recorder counts.  ``gauges`` are read at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.frames: Tally = Tally()
+        self.media_bytes: Tally = Tally()
+        self.placement: Tally = Tally()  # (counter, perspective) -> n, from finalized calls
+        self.rejected: Tally = Tally()  # handshake refusals by reason
+        self.closed: Tally = Tally()  # sockets closed for bad input, by close code
+        self.gauges: dict[str, Callable[[], float]] = {}
+        self.archived = Counter(
+            "evrecorder_calls_archived", "Calls published to the archive.", ["end_reason"],
+            registry=self.registry,
+        )
+        self.archive_failures = Counter(
+            "evrecorder_archive_failures", "Failed publish attempts (each is retried).",
+            registry=self.registry,
+        )
+        self.upload_seconds = Histogram(
+            "evrecorder_upload_seconds", "Time to publish one recording (WAV and sidecar).",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=self.registry,
+        )
+        self.registry.register(_Collector(self))
+
+    def call_finalized(self, sidecar: dict) -> None:
+        for perspective, side in sidecar["perspectives"].items():
+            for name in PLACEMENT_COUNTERS:
+                self.placement[(name, perspective)] += side[name]
+
+
+class _Collector:
+    def __init__(self, metrics: Metrics):
+        self._m = metrics
+
+    def collect(self):
+        m = self._m
+        for name, doc, tally, label in (
+            ("evrecorder_frames", "Media frames received.", m.frames, "perspective"),
+            ("evrecorder_media_bytes", "Media bytes received (decoded).", m.media_bytes,
+             "perspective"),
+            ("evrecorder_rejected_handshakes", "Handshakes refused.", m.rejected, "reason"),
+            ("evrecorder_bad_input_closes", "Sockets closed for bad input.", m.closed, "code"),
+        ):
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for value, n in sorted(tally.items()):
+                family.add_metric([str(value)], n)
+            yield family
+        family = CounterMetricFamily(
+            "evrecorder_placement_frames",
+            "Reorder outcomes in finalized calls: missing (silence), duplicates, reordered, late.",
+            labels=["counter", "perspective"],
+        )
+        for (name, perspective), n in sorted(m.placement.items()):
+            family.add_metric([name, perspective], n)
+        yield family
+        for name, read in sorted(m.gauges.items()):
+            yield GaugeMetricFamily(name, _GAUGE_DOCS.get(name, name), value=read())
+
+
+_GAUGE_DOCS = {
+    "evrecorder_active_calls": "Calls in progress.",
+    "evrecorder_active_sockets": "Open WebSocket connections.",
+    "evrecorder_upload_queue_depth": "Finished calls not yet confirmed by the archive.",
+    "evrecorder_upload_oldest_age_seconds": "Age of the oldest unconfirmed finished call.",
+    "evrecorder_draining": "1 while the recorder drains for shutdown.",
+}
+
+
+class _Text(Resource):
+    isLeaf = True
+
+    def __init__(self, check: Callable[[], str | None]):
+        super().__init__()
+        self._check = check
+
+    def render_GET(self, request):
+        problem = self._check()
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if problem:
+            request.setResponseCode(503)
+            return (problem + "\n").encode()
+        return b"ok\n"
+
+
+def site_root(metrics: Metrics, not_ready: Callable[[], str | None]) -> Resource:
+    """``/metrics``, ``/healthz`` (the process answers) and ``/readyz``."""
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    root.putChild(b"healthz", _Text(lambda: None))
+    root.putChild(b"readyz", _Text(not_ready))
+    return root
