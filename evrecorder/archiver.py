@@ -86,9 +86,11 @@ class Archiver(service.Service):
 
     def _blocking(self, f, *args, **kw) -> defer.Deferred:
         if self._run_blocking is not None:
-            d = self._run_blocking(f, *args, **kw)
-        else:
-            d = deferToThreadPool(self._reactor, self._pool, f, *args, **kw)
+            return self._run_blocking(f, *args, **kw)
+        return deferToThreadPool(self._reactor, self._pool, f, *args, **kw)
+
+    def _track(self, d: defer.Deferred) -> defer.Deferred:
+        """Count ``d`` as work in flight until its whole chain has run."""
         self._in_flight.add(d)
 
         def done(result):
@@ -110,14 +112,14 @@ class Archiver(service.Service):
             )
             self._pool.start()
         self.spool.prepare()
-        self._blocking(self.store.check).addCallbacks(
+        self._track(self._blocking(self.store.check).addCallbacks(
             lambda _: log.info("archive store {store} is ready", store=self.store.describe()),
             lambda f: log.error(
                 "archive store {store} is not usable: {reason}. Calls are recorded to the "
                 "spool and published once the store works.",
                 store=self.store.describe(), reason=_sentence(f.value),
             ),
-        )
+        ))
         self.recover()
 
     def recover(self) -> None:
@@ -187,7 +189,7 @@ class Archiver(service.Service):
                 f, entry=entry.path,
             )
 
-        return d.addCallbacks(finalized, failed)
+        return self._track(d.addCallbacks(finalized, failed))
 
     # -- upload queue ----------------------------------------------------
 

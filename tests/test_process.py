@@ -52,11 +52,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_twistd(tmp_path, port: int, name: str) -> subprocess.Popen:
+def start_twistd(tmp_path, port: int, name: str, *options: str) -> subprocess.Popen:
+    """twistd evrecorder from the checkout; twistd options (--logger) may lead ``options``."""
     log = open(tmp_path / f"{name}.log", "wb")
+    twistd_opts = [o for o in options if o.startswith("--logger") or o.startswith("evrecorder.logs")]
+    ours = [o for o in options if o not in twistd_opts]
     return subprocess.Popen(
-        TWISTD + ["-n", "--pidfile=", "evrecorder", "--listen", f"tcp:{port}:interface=127.0.0.1",
-                  "--spool", str(tmp_path / "spool"), "--archive", str(tmp_path / "archive")],
+        TWISTD + ["-n", "--pidfile=", *twistd_opts, "evrecorder",
+                  "--listen", f"tcp:{port}:interface=127.0.0.1",
+                  "--spool", str(tmp_path / "spool"), "--archive", str(tmp_path / "archive"), *ours],
         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO), stdout=log, stderr=subprocess.STDOUT,
     )
 
@@ -134,3 +138,51 @@ async def test_kill_9_mid_call_then_restart_recovers_the_call(tmp_path):
     left, right = read_pcm16_wav(str(sidecar_path)[:-5] + ".wav")
     assert left == independent_decode(b"".join(agent))
     assert right == independent_decode(b"".join(caller) + b"\xff" * 160 * 5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_drains_then_archives_the_rest_as_shutdown(tmp_path):
+    """SIGTERM: new handshakes get 503, a call that stops in time completes, the rest end "shutdown"."""
+    from twisted.internet import reactor
+
+    from wsclient import HandshakeRefused
+
+    port = free_port()
+    proc = start_twistd(tmp_path, port, "drain", "--drain-timeout", "3",
+                        "--logger", "evrecorder.logs.json_observer")
+    try:
+        await until(lambda: listening(port), what="the recorder to listen")
+        finishing = await connect(reactor, port)
+        lingering = await connect(reactor, port)
+        agent = frames(10, 70)
+        finishing.send_all([connected(), start("finishing")] + [media(AGENT, i + 1, agent[i]) for i in range(5)])
+        lingering.send_all([connected(), start("lingering")] + [media(AGENT, i + 1, agent[i]) for i in range(5)])
+        await task.deferLater(reactor, 0.3, lambda: None)
+        proc.send_signal(signal.SIGTERM)
+        await task.deferLater(reactor, 0.3, lambda: None)
+        try:
+            await connect(reactor, port)
+        except HandshakeRefused as e:
+            assert e.status == 503
+        else:
+            raise AssertionError("a new handshake was accepted while draining")
+        finishing.send_all([media(AGENT, i + 1, agent[i]) for i in range(5, 10)]
+                           + [{"event": "Stop", "metadata": {}}])
+        assert (await finishing.closed)[0] == 1000
+        assert (await lingering.closed)[0] == 1001  # ended by the drain timeout
+        await until(lambda: proc.poll() is not None, what="twistd to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode in (0, -signal.SIGTERM)
+    sidecars = {json.loads(p.read_text())["callId"]: json.loads(p.read_text())
+                for p in (tmp_path / "archive").rglob("*.json")}
+    assert sidecars["finishing"]["endReason"] == "stop"
+    assert sidecars["finishing"]["perspectives"][AGENT]["frames"] == 10
+    assert sidecars["lingering"]["endReason"] == "shutdown"
+    assert sidecars["lingering"]["complete"] is False
+    assert os.listdir(tmp_path / "spool" / "calls") == []
+    # --logger evrecorder.logs.json_observer: every line is a JSON object with the fields.
+    records = [json.loads(line) for line in (tmp_path / "drain.log").read_text().splitlines() if line]
+    archived = [r for r in records if r["text"].startswith("archived lingering/")]
+    assert archived and archived[0]["call_id"] == "lingering" and archived[0]["level"] == "info"
