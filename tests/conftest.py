@@ -23,7 +23,8 @@ from evrecorder.stores import LocalStore  # noqa: E402
 class Recorder:
     """A RecorderService started in this process on 127.0.0.1:<random port>."""
 
-    def __init__(self, tmp_path, store=None, metrics=False, **settings):
+    def __init__(self, tmp_path, store=None, metrics=False,
+                 listen="tcp:0:interface=127.0.0.1", **settings):
         from twisted.internet import reactor
 
         self.reactor = reactor
@@ -33,7 +34,7 @@ class Recorder:
         self.settings = Settings(archive=self.archive, **settings)
         self.store = store or LocalStore(self.archive)
         self.service = RecorderService(self.settings, self.store, reactor)
-        self._listener = self.service.add_listener("tcp:0:interface=127.0.0.1")
+        self._listener = self.service.add_listener(listen)
         self.port: int | None = None
         self._metrics = self.service.add_metrics_listener("tcp:0:interface=127.0.0.1") if metrics else None
         self.metrics_port: int | None = None
@@ -81,10 +82,11 @@ async def recorder_factory(tmp_path):
     """Start recorders with settings; all are stopped at the end of the test."""
     started: list[Recorder] = []
 
-    async def make(store=None, subdir="r", metrics=False, **settings) -> Recorder:
+    async def make(store=None, subdir="r", metrics=False, listen="tcp:0:interface=127.0.0.1",
+                   **settings) -> Recorder:
         path = tmp_path / subdir
         path.mkdir(exist_ok=True)
-        rec = await Recorder(path, store=store, metrics=metrics, **settings).start()
+        rec = await Recorder(path, store=store, metrics=metrics, listen=listen, **settings).start()
         started.append(rec)
         return rec
 
