@@ -23,7 +23,9 @@ Credentials and region
 Use from a test module by importing the fixtures, all of them, since pytest
 looks fixtures up by name in the module::
 
-    from s3server import aws_credentials, bucket, s3_auth_enforced, s3_client, s3_endpoint, s3_server  # noqa
+    from s3server import (  # noqa: F401
+        aws_credentials, bucket, s3_auth_enforced, s3_client, s3_endpoint, s3_server,
+    )
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def s3_endpoint(s3_server: S3Server) -> str:
 
 @pytest.fixture
 def aws_credentials(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fake credentials and region in the environment, for moto; a real endpoint keeps the real ones."""
+    """Fake credentials and region in the environment for moto; a real endpoint keeps its own."""
     if not s3_server.is_moto:
         return
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):

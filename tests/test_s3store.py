@@ -286,7 +286,7 @@ def test_existing_different_wav_is_never_overwritten(tmp_path, s3_endpoint, s3_c
 @pytest.mark.parametrize("size", [2000, 12 * MiB], ids=["single-part", "multipart"])
 def test_object_with_our_metadata_but_other_bytes_is_not_ours(tmp_path, s3_endpoint, s3_client,
                                                               bucket, size):
-    """An object claiming our sha256 and size but failing the SHA-256 checksum is left; we use K-2."""
+    """An object with our sha256 metadata and size but another checksum is left; we use K-2."""
     rec = recording(tmp_path, os.urandom(size))
     impostor = tmp_path / "impostor.wav"
     impostor.write_bytes(os.urandom(size))
@@ -334,7 +334,7 @@ def test_conditional_write_closes_the_race(tmp_path, s3_endpoint, s3_client, buc
 
 
 def test_endpoint_without_conditional_writes_falls_back(tmp_path, s3_endpoint, s3_client, bucket):
-    """An endpoint answering If-None-Match with 501 still gets the WAV, then only HEAD checks guard."""
+    """An endpoint answering If-None-Match with 501 gets the WAV anyway; then HEAD checks guard."""
     client = new_client(s3_endpoint)
     refused: list[str] = []
 
@@ -362,7 +362,7 @@ def test_endpoint_without_conditional_writes_falls_back(tmp_path, s3_endpoint, s
 
 
 def test_wav_replaced_during_upload_is_detected(tmp_path, s3_endpoint, s3_client, bucket):
-    """If K.wav is overwritten right after our upload, publish fails before the sidecar; a retry uses K-2."""
+    """K.wav overwritten right after our upload fails before the sidecar; a retry uses K-2."""
     rec = recording(tmp_path)
     client = new_client(s3_endpoint)
     fired = rival_after(
