@@ -28,6 +28,28 @@ from evrecorder.stores import Store
 log = Logger()
 
 
+class ListenError(Exception):
+    """A listener could not start; the message is a sentence for the operator."""
+
+
+class _Listener(StreamServerEndpointService):
+    """A listening endpoint whose failure to start says which one, and why."""
+
+    # A port in use (or a missing systemd socket) fails the start at once.
+    _raiseSynchronously = True
+
+    def __init__(self, spec: str, endpoint, factory):
+        super().__init__(endpoint, factory)
+        self.spec = spec
+
+    def privilegedStartService(self):
+        try:
+            return super().privilegedStartService()
+        except Exception as e:
+            log.critical("cannot listen on {spec}: {reason}", spec=self.spec, reason=e)
+            raise ListenError(f"cannot listen on {self.spec}: {e}") from None
+
+
 class RecorderService(service.MultiService):
     """Owns the calls; its children are the archiver and the listeners."""
 
@@ -61,10 +83,7 @@ class RecorderService(service.MultiService):
             self.add_metrics_listener(spec)
 
     def add_listener(self, spec: str, factory=None) -> StreamServerEndpointService:
-        svc = StreamServerEndpointService(
-            serverFromString(self._reactor, spec), factory or self.factory
-        )
-        svc._raiseSynchronously = True  # a port in use fails the start, loudly
+        svc = _Listener(spec, serverFromString(self._reactor, spec), factory or self.factory)
         svc.setServiceParent(self)
         self.listeners.append(svc)
         return svc

@@ -81,11 +81,24 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
             digest.update(block)
 
 
+def _current_umask() -> int:
+    # Read once at import, while no other thread can be creating files.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: Mode of archived files: what open() would give under the process umask
+#: (mkstemp's 0600 would hide recordings from the service's group).
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def _atomic_write(path: str, write: Callable[[object], None]) -> None:
     """Write through a temporary file in the same directory, fsync, rename."""
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

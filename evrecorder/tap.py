@@ -126,6 +126,9 @@ class Options(usage.Options):
     def postOptions(self):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        for name in ("listen", "metrics"):
+            for spec in self[name]:
+                _check_endpoint(name, spec)
         env_secret = os.environ.get("EVRECORDER_SECRET")
         if env_secret:
             self["secrets"].append(env_secret)
@@ -190,6 +193,22 @@ class Options(usage.Options):
             log_phone_numbers=bool(self["log-phone-numbers"]),
             s3=self.s3_options(),
         )
+
+
+def _check_endpoint(option: str, spec: str) -> None:
+    """Parse (without binding) an endpoint string; a UsageError says what is wrong."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(reactor, spec)
+    except KeyError as e:
+        raise usage.UsageError(
+            f"--{option} {spec}: no socket named {e.args[0]!r} was passed in by systemd "
+            "(check FileDescriptorName= in the .socket unit)."
+        ) from None
+    except Exception as e:
+        raise usage.UsageError(f"--{option} {spec}: {e}.") from None
 
 
 def makeService(config: Options):

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import pytest_twisted
 from twisted.internet import task
 
@@ -36,14 +37,21 @@ def test_installed_plugin_is_found(tmp_path):
     assert "--reorder-window" in usage.stdout and "--key-template" in usage.stdout
 
 
-def test_bad_option_is_one_sentence(tmp_path):
+@pytest.mark.parametrize("argv, sentence", [
+    (["--format", "flac"], "--format must be pcm16 or mulaw (got 'flac')."),
+    (["--listen", "systemd:domain=INET:name=nope"],
+     "--listen systemd:domain=INET:name=nope: no socket named 'nope' was passed in by systemd"),
+    (["--listen", "ssl:3443:privateKey=/nonexistent/key.pem"], "--listen ssl:3443:privateKey="),
+])
+def test_bad_option_is_one_sentence(tmp_path, argv, sentence):
     """A wrong option value stops twistd with a sentence naming the option."""
     out = subprocess.run(
-        TWISTD + ["-n", "evrecorder", "--format", "flac"], cwd=tmp_path,
+        TWISTD + ["-n", "evrecorder", *argv], cwd=tmp_path,
         env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=60,
     )
     assert out.returncode != 0
-    assert "--format must be pcm16 or mulaw (got 'flac')." in out.stdout + out.stderr
+    assert sentence in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
 
 
 def free_port() -> int:
@@ -62,6 +70,7 @@ def start_twistd(tmp_path, port: int, name: str, *options: str) -> subprocess.Po
                   "--listen", f"tcp:{port}:interface=127.0.0.1",
                   "--spool", str(tmp_path / "spool"), "--archive", str(tmp_path / "archive"), *ours],
         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO), stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: os.umask(0o027),  # as systemd's UMask= would set it
     )
 
 
@@ -181,6 +190,8 @@ async def test_sigterm_drains_then_archives_the_rest_as_shutdown(tmp_path):
     assert sidecars["finishing"]["perspectives"][AGENT]["frames"] == 10
     assert sidecars["lingering"]["endReason"] == "shutdown"
     assert sidecars["lingering"]["complete"] is False
+    for path in (tmp_path / "archive").rglob("*.*"):
+        assert path.stat().st_mode & 0o777 == 0o640  # the process umask, not mkstemp's 0600
     assert os.listdir(tmp_path / "spool" / "calls") == []
     # --logger evrecorder.logs.json_observer: every line is a JSON object with the fields.
     records = [json.loads(line) for line in (tmp_path / "drain.log").read_text().splitlines() if line]
