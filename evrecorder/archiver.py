@@ -172,6 +172,7 @@ class Archiver(service.Service):
     # -- finalize --------------------------------------------------------
 
     def finalize(self, entry: CallSpool) -> defer.Deferred:
+        self._waiting_since.setdefault(entry.path, self._reactor.seconds())
         d = self._blocking(finalize, entry, self.settings)
 
         def finalized(sidecar):
@@ -184,10 +185,13 @@ class Archiver(service.Service):
             self._enqueue(entry)
 
         def failed(f):
+            delay = self._backoff(entry)
             log.failure(
-                "finalizing {entry} failed; it stays in the spool for the next start",
-                f, entry=entry.path,
+                "finalizing {entry} failed (attempt {attempt}); it stays in the spool and is "
+                "tried again in {delay:.1f} s",
+                f, entry=entry.path, attempt=self._attempts[entry.path], delay=delay,
             )
+            self._later(delay, self.finalize, entry)
 
         return self._track(d.addCallbacks(finalized, failed))
 
@@ -247,29 +251,37 @@ class Archiver(service.Service):
 
         def failed(f):
             self.metrics.archive_failures.inc()
-            attempt = self._attempts.get(entry.path, 0) + 1
-            self._attempts[entry.path] = attempt
-            s = self.settings
-            delay = min(s.retry_max, s.retry_initial * 2 ** (attempt - 1))
-            delay *= random.uniform(0.5, 1.0)  # jitter: no thundering herd after an outage
+            delay = self._backoff(entry)
             emit = log.warn if f.check(StoreError) else log.failure
             kw = {} if f.check(StoreError) else {"failure": f}
             emit(
                 "archiving {entry} failed (attempt {attempt}), retrying in {delay:.1f} s: "
                 "{reason}",
-                entry=os.path.basename(entry.path), attempt=attempt, delay=delay,
-                reason=_sentence(f.value), **kw,
+                entry=os.path.basename(entry.path), attempt=self._attempts[entry.path],
+                delay=delay, reason=_sentence(f.value), **kw,
             )
-            if self.running and not self._stopping:
-                self._retries[entry.path] = self._reactor.callLater(
-                    delay, self._retry, entry
-                )
+            self._later(delay, self._enqueue, entry)
 
         return self._blocking(publish).addCallbacks(published, failed)
 
-    def _retry(self, entry: CallSpool) -> None:
-        self._retries.pop(entry.path, None)
-        self._enqueue(entry)
+    def _backoff(self, entry: CallSpool) -> float:
+        """Count a failed attempt; the delay before the next one."""
+        attempt = self._attempts.get(entry.path, 0) + 1
+        self._attempts[entry.path] = attempt
+        s = self.settings
+        delay = min(s.retry_max, s.retry_initial * 2 ** (attempt - 1))
+        return delay * random.uniform(0.5, 1.0)  # jitter: no thundering herd after an outage
+
+    def _later(self, delay: float, f, entry: CallSpool) -> None:
+        """Try ``f(entry)`` again later; not while stopping (the spool keeps it)."""
+        if not self.running or self._stopping:
+            return
+
+        def again():
+            self._retries.pop(entry.path, None)
+            f(entry)
+
+        self._retries[entry.path] = self._reactor.callLater(delay, again)
 
     @property
     def queue_depth(self) -> int:

@@ -78,7 +78,7 @@ class Call:
         self._connections: dict[Connection, set[str]] = {}
         self._first_seq: dict[str, int] = {}
         self._stopped: dict[str, dict | None] = {}
-        self._unassigned_stops = 0
+        self._max_span = registry.settings.max_sequence_span
         self._last_activity = self.created_at
         self._detached_at: float | None = None
         self._timer = None
@@ -115,7 +115,7 @@ class Call:
         first = self._first_seq.get(perspective)
         if first is None:
             self._start_perspective(perspective, seq, now)
-        elif abs(seq - first) > self._settings.max_sequence_span:
+        elif abs(seq - first) > self._max_span:
             raise CallError(
                 1007,
                 f"sequenceId {seq} is out of range for {perspective} "
@@ -139,47 +139,56 @@ class Call:
             # one frame of each other start together.
             delta = now - self.first_media_at
             offset = 0 if delta < FRAME_SECONDS else round(delta / FRAME_SECONDS)
-        self._first_seq[perspective] = seq
+        # On disk first: if that fails, the perspective has not started.
         self.spool.append_event(
-            {"event": "media", "perspective": perspective, "at": now, "offsetFrames": offset}
+            {"event": "media", "perspective": perspective, "at": now, "offsetFrames": offset,
+             "firstSequenceId": seq}
         )
+        self._first_seq[perspective] = seq
 
     def stop(self, conn: Connection, metadata: dict | None, perspective: str | None) -> None:
-        """Take a Stop.  The documented Stop names no perspective: count them."""
+        """Take a Stop.  The documented Stop names no perspective: work it out.
+
+        A Stop counts for one running perspective: the one it names, else one
+        this socket carried, else one no other live socket carries.  A Stop
+        that fits none (a repeat, or a stray one on a socket that joined a
+        call others carry) changes nothing: it must never end a perspective
+        that is still streaming elsewhere.
+        """
         now = self._clock.seconds()
         self._last_activity = now
         if perspective is None:
-            perspective = self._guess_stop_perspective(conn)
-        if perspective is not None and perspective not in self._stopped:
-            self._stopped[perspective] = metadata
-        else:
-            self._unassigned_stops += 1
+            perspective = self._stop_perspective(conn)
+        elif perspective in self._stopped:
+            perspective = None
+        if perspective is None and self._first_seq:
+            log.info(
+                "call {call_id}/{session_id}: a Stop for no running perspective is ignored",
+                call_id=self.call_id, session_id=self.session_id,
+            )
+            return
+        # On disk first: if that fails, the call's state has not moved.
         self.spool.append_event(
             {"event": "stop", "perspective": perspective, "at": now, "metadata": metadata}
         )
-        if self._all_stopped():
+        if perspective is not None:
+            self._stopped[perspective] = metadata
+        if set(self._first_seq) <= set(self._stopped):
+            # Every perspective that sent media has stopped (or none ever did).
             self.end("stop")
 
     def touch(self) -> None:
         """Any message counts as activity for the idle timeout."""
         self._last_activity = self._clock.seconds()
 
-    def _guess_stop_perspective(self, conn: Connection) -> str | None:
-        # A Stop on a socket that carried exactly one perspective still
-        # running is that perspective's; otherwise the first one still running.
+    def _stop_perspective(self, conn: Connection) -> str | None:
         running = [p for p in PERSPECTIVES if p in self._first_seq and p not in self._stopped]
         on_conn = [p for p in running if p in self._connections.get(conn, ())]
-        if len(on_conn) == 1:
+        if on_conn:
             return on_conn[0]
-        return running[0] if running else None
-
-    def _all_stopped(self) -> bool:
-        with_media = set(self._first_seq)
-        if not with_media:
-            return True  # a call that never sent media ends at its first Stop
-        return with_media <= set(self._stopped) or (
-            len(self._stopped) + self._unassigned_stops >= len(with_media)
-        )
+        elsewhere = set().union(*(sent for c, sent in self._connections.items() if c is not conn))
+        orphans = [p for p in running if p not in elsewhere]
+        return orphans[0] if orphans else None
 
     @property
     def complete(self) -> bool:

@@ -20,7 +20,7 @@ import socket
 from datetime import datetime, timezone
 
 from evrecorder import __version__, keys, wav
-from evrecorder.placement import PerspectiveStats, Placer
+from evrecorder.placement import FRAME_BYTES, PerspectiveStats, Placer
 from evrecorder.settings import PERSPECTIVE_OF, PERSPECTIVES, ROLE_OF, Settings
 from evrecorder.spool import FRAMES_SUFFIX, SIDECAR_FILE, WAV_FILE, CallSpool, write_json_atomic
 
@@ -57,14 +57,16 @@ def finalize(
     """
     header = entry.read_header()
     events = entry.read_events()
-    offsets: dict[str, int] = {}
+    starts: dict[str, tuple[int, int | None]] = {}  # offset in frames, first id to arrive
     stops: dict[str, dict | None] = {}
     first_media_at = None
     end_event = None
     for ev in events:
         kind = ev.get("event")
         if kind == "media":
-            offsets.setdefault(ev["perspective"], int(ev.get("offsetFrames", 0)))
+            starts.setdefault(
+                ev["perspective"], (int(ev.get("offsetFrames", 0)), ev.get("firstSequenceId"))
+            )
             if first_media_at is None:
                 first_media_at = ev.get("at")
         elif kind == "stop" and ev.get("perspective") in PERSPECTIVES:
@@ -83,16 +85,26 @@ def finalize(
             + [os.path.getmtime(os.path.join(entry.path, n)) for n in os.listdir(entry.path)]
         )
 
+    placed = {p: _place(entry, p, settings.reorder_window) for p in PERSPECTIVES}
+    # The arrival offset belongs to the first frame to *arrive*; the timeline
+    # starts at the lowest id of the first window, which may be earlier.
+    begin = {}
+    for perspective, (_, stats) in placed.items():
+        if stats.samples:
+            offset_frames, arrived = starts.get(perspective, (0, None))
+            if arrived is not None and stats.first_sequence_id is not None:
+                offset_frames -= int(arrived) - stats.first_sequence_id
+            begin[perspective] = offset_frames * FRAME_BYTES
+    shift = min(begin.values(), default=0)  # the earliest audio is sample 0
     channels = {}
     perspectives = {}
-    for perspective in PERSPECTIVES:
-        path, stats = _place(entry, perspective, settings.reorder_window)
-        offset = offsets.get(perspective, 0) * wav.SAMPLE_RATE // 50
+    for perspective, (path, stats) in placed.items():
+        offset = begin[perspective] - shift if perspective in begin else 0
         channels[perspective] = wav.Channel(path, offset, stats.samples)
         perspectives[perspective] = dict(
             stats.as_dict(),
             role=ROLE_OF[perspective],
-            offsetSamples=offset if stats.samples else 0,
+            offsetSamples=offset,
             stop=stops.get(perspective),
         )
 

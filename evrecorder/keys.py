@@ -30,7 +30,7 @@ class _Formatter(string.Formatter):
         return kwargs.get(key, "unknown")
 
     def format_field(self, value, format_spec):
-        text = super().format_field(value, format_spec)
+        text = self._format(value, format_spec)
         # A datetime's format spec may deliberately make directories.
         if isinstance(value, datetime):
             parts = text.split("/")
@@ -43,6 +43,24 @@ class _Formatter(string.Formatter):
                 part = part.replace(".", "_") or "_"
             safe.append(part)
         return "/".join(safe)
+
+
+    @staticmethod
+    def _format(value, format_spec: str) -> str:
+        # A key must always come out: ids arrive as strings or numbers, so a
+        # spec like {sessionId:03d} is tried on the number a string holds, and
+        # a value the spec does not fit is used as it is.
+        try:
+            return format(value, format_spec)
+        except (ValueError, TypeError):
+            pass
+        if isinstance(value, str):
+            for kind in (int, float):
+                try:
+                    return format(kind(value), format_spec)
+                except (ValueError, TypeError):
+                    pass
+        return str(value)
 
 
 _FORMATTER = _Formatter()
@@ -69,7 +87,7 @@ def format_key(template: str, fields: dict) -> str:
 def check_template(template: str) -> None:
     """Raise ValueError with a sentence when the template cannot be used."""
     sample = key_fields(
-        {"callId": "12345", "sessionId": 2, "accountId": "99990000", "agentId": 123},
+        {"callId": "12345", "sessionId": "2", "accountId": "99990000", "agentId": "x"},
         {},
         0.0,
     )

@@ -64,6 +64,17 @@ def _seq_str(seq: int | None) -> str | None:
     return None if seq is None else str(seq)
 
 
+_SILENCE_BLOCK = SILENCE_BYTE * (1 << 16)
+
+
+def _write_silence(write: Callable[[bytes], None], nbytes: int) -> None:
+    """Silence in bounded blocks: a long gap never needs its size in memory."""
+    while nbytes > 0:
+        block = _SILENCE_BLOCK if nbytes >= len(_SILENCE_BLOCK) else SILENCE_BYTE * nbytes
+        write(block)
+        nbytes -= len(block)
+
+
 class Placer:
     """Reorders one perspective's frames; ``write`` receives the timeline."""
 
@@ -133,7 +144,7 @@ class Placer:
             following = min(pending) if pending else upto
             end = min(following, upto)
             count = end - self._next
-            self._write(SILENCE_BYTE * (count * self._frame_len))
+            _write_silence(self._write, count * self._frame_len)
             stats.missing += count
             stats.samples += count * self._frame_len
             if count <= 4 * self._window:

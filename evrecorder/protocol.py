@@ -50,7 +50,7 @@ class SecretChecker:
         return bool(self._secrets)
 
     def matches(self, presented: str) -> bool:
-        value = presented.encode("utf-8")
+        value = presented.encode("utf-8", "surrogatepass")
         ok = False
         for secret in self._secrets:  # no early exit: the time says nothing
             ok |= hmac.compare_digest(value, secret)
@@ -64,7 +64,7 @@ def _first_values(params: dict) -> dict:
 
 def _content_type_ok(metadata: dict) -> str | None:
     """None when the stream is 8 kHz mu-law, else the reason it is not."""
-    ctype = metadata.get("contentType", metadata.get("audioContentType"))
+    ctype = metadata.get("contentType") or metadata.get("audioContentType")
     rate = metadata.get("sampleRateHertz")
     if ctype is not None:
         base = str(ctype).split(";")[0].strip().lower()
@@ -78,6 +78,14 @@ def _content_type_ok(metadata: dict) -> str | None:
         if not rate_ok:
             return f"sample rate {rate!r} is not 8000 Hz"
     return None
+
+
+def _check_text(metadata: dict, event: str) -> None:
+    """Metadata is kept verbatim in UTF-8: JSON's lone surrogates cannot be."""
+    try:
+        json.dumps(metadata, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CallError(1007, f"{event} metadata is not valid Unicode") from None
 
 
 def _key_part(metadata: dict, query: dict, names: tuple[str, ...]) -> str | None:
@@ -156,12 +164,14 @@ class RecorderProtocol(WebSocketServerProtocol):
     # -- messages --------------------------------------------------------
 
     def onMessage(self, payload, isBinary):
+        if self.state != self.STATE_OPEN:
+            return  # we are closing: what is still in flight is not ours to take
         try:
             if isBinary:
                 raise CallError(1003, "binary frames are not part of the protocol")
             try:
                 msg = json.loads(payload)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, RecursionError):
                 raise CallError(1007, "the message is not valid JSON") from None
             if not isinstance(msg, dict):
                 raise CallError(1007, "the message is not a JSON object")
@@ -209,6 +219,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         metadata = msg.get("metadata")
         if not isinstance(metadata, dict):
             raise CallError(1007, "Start has no metadata object")
+        _check_text(metadata, "Start")
         metadata = {k: v for k, v in metadata.items() if k != "secret"}
         if self._start_metadata is not None:
             if metadata != self._start_metadata:
@@ -245,7 +256,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         if perspective not in PERSPECTIVES:
             raise CallError(1007, f"unknown perspective {str(perspective)[:40]!r}")
         seq = msg.get("sequenceId")
-        if isinstance(seq, str) and seq.isdigit() and len(seq) <= 18:
+        if isinstance(seq, str) and seq.isascii() and seq.isdigit() and len(seq) <= 18:
             seq = int(seq)
         elif not (type(seq) is int and 0 <= seq < 10**18):
             raise CallError(1007, f"sequenceId {str(seq)[:24]!r} is not a decimal number")
@@ -273,6 +284,8 @@ class RecorderProtocol(WebSocketServerProtocol):
         metadata = msg.get("metadata")
         if not isinstance(metadata, dict):
             metadata = None
+        else:
+            _check_text(metadata, "Stop")
         perspective = msg.get("perspective")
         if perspective is None and metadata is not None:
             perspective = metadata.get("perspective")

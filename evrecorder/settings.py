@@ -29,8 +29,9 @@ class Settings:
     max_call_duration: float = 14400.0
     drain_timeout: float = 30.0
     max_message_size: int = 64 * 1024
-    max_frame_bytes: int = 8000
-    """Largest decoded Media payload accepted (1 s of audio; frames are 160 bytes)."""
+    max_frame_bytes: int = 480
+    """Largest decoded Media payload accepted: 60 ms (frames are 20 ms, 160 bytes).
+    It also bounds the silence a gap can add, and so the longest possible file."""
     handshake_timeout: float = 10.0
     ping_interval: float = 20.0
     ping_timeout: float = 20.0

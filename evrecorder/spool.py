@@ -39,12 +39,13 @@ EVENTS_FILE = "events.jsonl"
 WAV_FILE = "recording.wav"
 SIDECAR_FILE = "sidecar.json"
 FRAMES_SUFFIX = ".frames"
+DELETING_PREFIX = ".deleting-"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def write_json_atomic(path: str, obj: object) -> None:
-    """Write JSON through a temporary file and a rename, fsynced."""
+def write_json_atomic(path: str, obj: object, fsync: bool = True) -> None:
+    """Write JSON through a temporary file and a rename (fsynced unless told not to)."""
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
@@ -52,7 +53,8 @@ def write_json_atomic(path: str, obj: object) -> None:
             json.dump(obj, f, ensure_ascii=False, indent=2, sort_keys=True)
             f.write("\n")
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -72,7 +74,9 @@ class CallSpool:
 
     def create(self, header: dict) -> None:
         os.makedirs(self.path, exist_ok=False)
-        write_json_atomic(os.path.join(self.path, CALL_FILE), header)
+        # Runs on the reactor thread: no fsync (the frames are not fsynced
+        # either; the page cache carries them through a crash of the process).
+        write_json_atomic(os.path.join(self.path, CALL_FILE), header, fsync=False)
 
     def append_frame(self, perspective: str, seq: int, payload: bytes) -> None:
         fd = self._frame_fds.get(perspective)
@@ -167,8 +171,16 @@ class CallSpool:
         return os.path.exists(os.path.join(self.path, CALL_FILE))
 
     def remove(self) -> None:
+        """Delete the entry: first renamed out of sight in one step, so a crash
+        halfway through the deletion can never leave a half entry to recover."""
         self.close()
-        shutil.rmtree(self.path, ignore_errors=True)
+        parent, name = os.path.split(self.path)
+        doomed = os.path.join(parent, DELETING_PREFIX + name)
+        try:
+            os.rename(self.path, doomed)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 class Spool:
@@ -199,6 +211,9 @@ class Spool:
             names = sorted(os.listdir(self.calls_dir))
         except FileNotFoundError:
             return []
+        for name in names:
+            if name.startswith(DELETING_PREFIX):  # a deletion a crash interrupted
+                shutil.rmtree(os.path.join(self.calls_dir, name), ignore_errors=True)
         return [
             CallSpool(os.path.join(self.calls_dir, n))
             for n in names

@@ -93,9 +93,8 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
-def _atomic_write(path: str, write: Callable[[object], None]) -> None:
-    """Write through a temporary file in the same directory, fsync, rename."""
-    directory = os.path.dirname(path)
+def _write_temp(directory: str, write: Callable[[object], None]) -> str:
+    """Write a fsynced temporary file in ``directory``; return its path."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         os.fchmod(fd, _FILE_MODE)
@@ -103,12 +102,27 @@ def _atomic_write(path: str, write: Callable[[object], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _atomic_write(path: str, write: Callable[[object], None]) -> None:
+    """Replace ``path`` through a fsynced temporary file and a rename."""
+    directory = os.path.dirname(path)
+    tmp = _write_temp(directory, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(tmp)
         raise
     _fsync_dir(directory)
 
@@ -163,29 +177,48 @@ class LocalStore:
             ) from e
 
     def _publish(self, item: PublishItem) -> str:
-        for key in candidate_keys(item.key):
-            wav = self._path(key, ".wav")
-            if os.path.exists(wav):
+        """WAV first, created exclusively (a hard link from a verified temporary
+        file), so two publishes racing for one key can never both think they
+        own it; then the sidecar."""
+        tmp = None
+        try:
+            for key in candidate_keys(item.key):
+                wav = self._path(key, ".wav")
+                if not os.path.exists(wav):
+                    if tmp is None:
+                        tmp = self._verified_copy(item, os.path.dirname(wav))
+                    elif os.path.dirname(tmp) != os.path.dirname(wav):
+                        _unlink_quietly(tmp)
+                        tmp = self._verified_copy(item, os.path.dirname(wav))
+                    try:
+                        os.link(tmp, wav)
+                        _fsync_dir(os.path.dirname(wav))
+                    except FileExistsError:
+                        pass  # someone else got there first: compare below
                 if sha256_file(wav) != item.wav_sha256:
                     continue  # someone else's recording: never overwrite it
-            else:
-                os.makedirs(os.path.dirname(wav), exist_ok=True)
-
-                def copy(out, src=item.wav_path):
-                    with open(src, "rb") as f:
-                        while block := f.read(1 << 20):
-                            out.write(block)
-
-                _atomic_write(wav, copy)
-                if sha256_file(wav) != item.wav_sha256:
-                    os.unlink(wav)
-                    raise StoreError(
-                        f"the archived copy of {key}.wav does not match its checksum"
-                    )
-            sidecar = item.sidecar_for(key)
-            _atomic_write(self._path(key, ".json"), lambda out: out.write(sidecar))
-            return key
+                sidecar = item.sidecar_for(key)
+                _atomic_write(self._path(key, ".json"), lambda out: out.write(sidecar))
+                return key
+        finally:
+            if tmp is not None:
+                _unlink_quietly(tmp)
         raise StoreError(f"more than {MAX_KEY_SUFFIX} different recordings at {item.key}")
+
+    @staticmethod
+    def _verified_copy(item: PublishItem, directory: str) -> str:
+        os.makedirs(directory, exist_ok=True)
+
+        def copy(out):
+            with open(item.wav_path, "rb") as f:
+                while block := f.read(1 << 20):
+                    out.write(block)
+
+        tmp = _write_temp(directory, copy)
+        if sha256_file(tmp) != item.wav_sha256:
+            _unlink_quietly(tmp)
+            raise StoreError(f"the spooled {item.key}.wav does not match its checksum")
+        return tmp
 
 
 class MemoryStore:

@@ -322,3 +322,101 @@ def test_finalize_survives_a_torn_last_record(tmp_path):
     assert right == [0] * 800
     assert json.load(open(os.path.join(call.spool.path, "sidecar.json")))["key"].endswith("c1-1")
     assert not [n for n in os.listdir(call.spool.path) if n.endswith(".frames")]
+
+
+def test_silence_for_a_long_gap_is_written_in_bounded_blocks():
+    """A gap of hundreds of thousands of frames never needs its size in one buffer."""
+    sizes = []
+    placer = Placer(3, lambda b: sizes.append(len(b)))
+    for seq in (1, 500_000, 500_001, 500_002, 500_003, 500_004):
+        placer.add(seq, b"\x01" * 480)
+    placer.finish()
+    assert sum(sizes) == 500_004 * 480 and max(sizes) <= 1 << 16
+
+
+def test_key_template_specs_fit_string_ids():
+    """{sessionId:03d} works on the string ids calls carry; an unfit spec falls back to the value."""
+    fields = keys.key_fields({"callId": "c", "sessionId": "2", "agentId": "abc"}, {}, 0.0)
+    assert keys.format_key("{callId}-{sessionId:03d}-{agentId:05d}", fields) == "c-002-abc"
+    keys.check_template("{start:%Y/%m/%d}/{callId}-{sessionId:03d}")
+
+
+def test_late_perspective_reordered_at_its_start_keeps_alignment(tmp_path):
+    """A perspective whose first frames arrive out of order starts at the right sample."""
+    clock, reg, _, settings = make_registry(tmp_path)
+    conn = FakeConn()
+    call = reg.join(conn, "c1", "1", {}, {}, clock.seconds())
+    agent = [bytes([10 + i]) * 160 for i in range(40)]
+    caller = [bytes([100 + i]) * 160 for i in range(3)]
+    for i in range(25):
+        call.media(conn, AGENT, i + 1, agent[i])
+        clock.advance(0.02)
+    # t=0.5 s: the caller's frame 3 arrives first, then 1 and 2.
+    for seq in (3, 1, 2):
+        call.media(conn, CALLER, seq, caller[seq - 1])
+    for i in range(25, 40):
+        call.media(conn, AGENT, i + 1, agent[i])
+    call.end("stop")
+    sidecar = finalize(call.spool, settings)
+    # Frame 3 arrived at frame slot 25, so frame 1 starts at slot 23.
+    assert sidecar["perspectives"][CALLER]["offsetSamples"] == 23 * 160
+    _, right = read_pcm16_wav(os.path.join(call.spool.path, "recording.wav"))
+    assert right[23 * 160: 26 * 160] == independent_decode(b"".join(caller))
+
+
+def test_racing_publishes_of_different_recordings_keep_both(tmp_path):
+    """Two different recordings published at once to one key land at K and K-2, both intact."""
+    import hashlib
+    import threading
+
+    from evrecorder.stores import LocalStore, PublishItem
+
+    store = LocalStore(str(tmp_path / "archive"))
+    items = []
+    for n in range(2):
+        path = tmp_path / f"rec{n}.wav"
+        path.write_bytes(bytes([n]) * 200_000)
+        items.append(PublishItem(
+            key="same/key", wav_path=str(path),
+            wav_sha256=hashlib.sha256(path.read_bytes()).hexdigest(), wav_size=200_000,
+            sidecar_for=lambda key, n=n: f'{{"n": {n}}}'.encode(),
+        ))
+    for _ in range(20):
+        keys_used = []
+        threads = [threading.Thread(target=lambda it=it: keys_used.append(store.publish(it)))
+                   for it in items]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(keys_used) == ["same/key", "same/key-2"]
+        for key in keys_used:
+            data = (tmp_path / "archive" / (key + ".wav")).read_bytes()
+            n = json.loads((tmp_path / "archive" / (key + ".json")).read_text())["n"]
+            assert data == bytes([n]) * 200_000
+        for f in (tmp_path / "archive" / "same").iterdir():
+            f.unlink()
+
+
+def test_a_spool_entry_that_cannot_be_finalized_is_retried_and_counted(tmp_path):
+    """A finalize failure is retried with backoff and the entry stays in the queue depth."""
+    from evrecorder.archiver import Archiver
+    from evrecorder.stores import MemoryStore
+    from twisted.internet import defer
+
+    clock = Clock()
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    broken = os.path.join(spool.calls_dir, "1-broken")
+    os.makedirs(broken)
+    with open(os.path.join(broken, "call.json"), "w") as f:
+        f.write("{not json")
+    settings = Settings(spool=spool.root, retry_initial=1.0, retry_max=4.0)
+    archiver = Archiver(spool, MemoryStore(), settings, clock,
+                        run_blocking=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
+    archiver.startService()
+    assert archiver.queue_depth == 1 and archiver._attempts[broken] == 1
+    for _ in range(4):
+        clock.advance(4.0)
+    assert archiver._attempts[broken] == 5 and archiver.queue_depth == 1
+    assert os.path.isdir(broken)  # kept for the operator, never deleted unarchived

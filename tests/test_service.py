@@ -262,7 +262,7 @@ async def test_max_duration_cuts_the_call(recorder_factory):
     conn = await connect(reactor(), rec.port)
     conn.send_all([connected(), start()])
     seq = 0
-    while not conn.closed.called and seq < 200:
+    while conn.proto.state == conn.proto.STATE_OPEN and seq < 200:  # not once our close is sent
         seq += 1
         conn.send(media(AGENT, seq, b"\x10" * 160))
         await sleep(0.02)
@@ -369,6 +369,12 @@ BAD_INPUTS = {
     "not-mulaw": ([connected(), start("bad", contentType="audio/l16", sampleRateHertz=16000)], 1003),
     "not-8khz": ([connected(), start("bad", sampleRateHertz=16000)], 1003),
     "second-start-differs": ([connected(), start("bad"), start("other")], 1008),
+    "non-ascii-digits": ([connected(), start("bad"), media(AGENT, "\u00b2", b"\x01" * 160)], 1007),
+    "deep-nesting": ([connected(), "[" * 60000], 1007),
+    "surrogate-in-stop": ([connected(), start("bad"), media(AGENT, 1, b"\x01" * 160),
+                           '{"event": "Stop", "metadata": {"x": "\\ud800"}}'], 1007),
+    "null-content-type": ([connected(), start("bad", contentType=None, audioContentType="audio/L16")],
+                          1003),
     "after-stop": ([connected(), start("bad"), media(AGENT, 1, b"\x01" * 160), stop(),
                     media(AGENT, 2, b"\x01" * 160)], 1000),
 }
@@ -436,3 +442,37 @@ async def test_replay_of_a_stereo_wav_is_archived_exact(recorder, tmp_path):
 
     assert_channels(sidecar, pcm16le_to_ulaw(left.tobytes()), pcm16le_to_ulaw(right.tobytes()))
     assert sidecar["callId"] == "demo" and sidecar["complete"] is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_is_taken_after_a_close_for_missing_secret(recorder_factory):
+    """Messages in flight after a 1008 close (even with the secret) record nothing."""
+    rec = await recorder_factory(secrets=[SECRET])
+    conn = await connect(reactor(), rec.port)
+    conn.send_all([connected(), start("late-secret"), media(AGENT, 1, b"\x01" * 160),
+                   connected(secret=SECRET), media(AGENT, 2, b"\x01" * 160)])
+    assert (await conn.closed)[0] == 1008
+    await rec.stop()
+    await archived_none(rec, wait=0)
+    assert os.listdir(os.path.join(rec.settings.spool, "calls")) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_stray_stops_do_not_end_a_streaming_perspective(recorder):
+    """A repeated Stop, or one on a joining socket that sent no media, ends nothing."""
+    agent, caller = frames(20, 100), frames(20, 101)
+    a = await connect(reactor(), recorder.port)
+    b = await connect(reactor(), recorder.port)
+    a.send_all([connected(), start("stray")] + [media(AGENT, i + 1, agent[i]) for i in range(10)])
+    b.send_all([connected(), start("stray")] + [media(CALLER, i + 1, caller[i]) for i in range(10)])
+    await sleep(0.05)
+    a.send_all([stop(perspective=AGENT), stop(perspective=AGENT)])  # a repeat
+    retry = await connect(reactor(), recorder.port)  # e.g. the platform's retry after a 5xx
+    retry.send_all([connected(), start("stray"), stop()])
+    await sleep(0.1)
+    assert not b.closed.called
+    b.send_all([media(CALLER, i + 1, caller[i]) for i in range(10, 20)] + [stop()])
+    assert (await b.closed)[0] == 1000
+    [sidecar] = await recorder.archived()
+    assert_channels(sidecar, b"".join(agent[:10]) + b"\xff" * 1600, b"".join(caller))
+    assert sidecar["complete"] is True
