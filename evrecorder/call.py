@@ -79,6 +79,8 @@ class Call:
         self._first_seq: dict[str, int] = {}
         self._stopped: dict[str, dict | None] = {}
         self._max_span = registry.settings.max_sequence_span
+        self._frames_metric = registry.metrics.frames
+        self._bytes_metric = registry.metrics.media_bytes
         self._last_activity = self.created_at
         self._detached_at: float | None = None
         self._timer = None
@@ -110,12 +112,11 @@ class Call:
 
     def media(self, conn: Connection, perspective: str, seq: int, payload: bytes) -> None:
         """Take a Media frame.  Raises :class:`CallError` for bad input."""
-        now = self._clock.seconds()
-        self._last_activity = now
+        self._last_activity = now = self._clock.seconds()
         first = self._first_seq.get(perspective)
         if first is None:
             self._start_perspective(perspective, seq, now)
-        elif abs(seq - first) > self._max_span:
+        elif not -self._max_span <= seq - first <= self._max_span:
             raise CallError(
                 1007,
                 f"sequenceId {seq} is out of range for {perspective} "
@@ -126,9 +127,8 @@ class Call:
             sent.add(perspective)
         self.spool.append_frame(perspective, seq, payload)
         self.frames_received += 1
-        metrics = self._registry.metrics
-        metrics.frames[perspective] += 1
-        metrics.media_bytes[perspective] += len(payload)
+        self._frames_metric[perspective] += 1
+        self._bytes_metric[perspective] += len(payload)
 
     def _start_perspective(self, perspective: str, seq: int, now: float) -> None:
         if self.first_media_at is None:

@@ -20,10 +20,12 @@ Close codes:
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hmac
 import json
+from binascii import a2b_base64
+
+from orjson import loads as _loads
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -34,6 +36,7 @@ from evrecorder.settings import PERSPECTIVES, Settings
 
 _log = Logger()
 
+_PERSPECTIVE_SET = frozenset(PERSPECTIVES)
 _CALL_ID = ("callId", "callid", "call_id")
 _SESSION_ID = ("sessionId", "sessionid", "session_id")
 _MULAW_TYPES = {"audio/x-mulaw", "audio/mulaw", "audio/basic", "audio/pcmu", "mulaw", "ulaw", "pcmu"}
@@ -112,6 +115,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         self._call: Call | None = None
         self._start_metadata: dict | None = None
         self._peer_name = "?"
+        self._max_frame_bytes = 0  # set with the factory, at the handshake
 
     # -- handshake -------------------------------------------------------
 
@@ -128,6 +132,7 @@ class RecorderProtocol(WebSocketServerProtocol):
     def _on_connect(self, request):
         factory = self.factory
         self._peer_name = request.peer
+        self._max_frame_bytes = factory.settings.max_frame_bytes
         self._connected_at = factory.clock.seconds()
         if factory.draining:
             factory.metrics.rejected["draining"] += 1
@@ -170,10 +175,10 @@ class RecorderProtocol(WebSocketServerProtocol):
             if isBinary:
                 raise CallError(1003, "binary frames are not part of the protocol")
             try:
-                msg = json.loads(payload)
+                msg = _loads(payload)
             except (ValueError, RecursionError):
                 raise CallError(1007, "the message is not valid JSON") from None
-            if not isinstance(msg, dict):
+            if type(msg) is not dict:
                 raise CallError(1007, "the message is not a JSON object")
             event = msg.get("event")
             if event == "Media":
@@ -245,32 +250,29 @@ class RecorderProtocol(WebSocketServerProtocol):
         )
 
     def _on_media(self, msg: dict) -> None:
-        if not self._authenticated:
-            raise CallError(1008, "no secret was presented before the first Media")
+        # The hot path (100 messages a second a call): checks stay cheap.
         call = self._call
-        if call is None:
-            raise CallError(1008, "Media before Start")
-        if call.ended:
-            raise CallError(1008, "Media after the call ended")
+        if call is None or not self._authenticated or call.ended:
+            if not self._authenticated:
+                raise CallError(1008, "no secret was presented before the first Media")
+            raise CallError(1008, "Media before Start" if call is None else "Media after the call ended")
         perspective = msg.get("perspective")
-        if perspective not in PERSPECTIVES:
+        if perspective not in _PERSPECTIVE_SET:
             raise CallError(1007, f"unknown perspective {str(perspective)[:40]!r}")
         seq = msg.get("sequenceId")
-        if isinstance(seq, str) and seq.isascii() and seq.isdigit() and len(seq) <= 18:
+        if type(seq) is str and len(seq) <= 18 and seq.isdigit() and seq.isascii():
             seq = int(seq)
         elif not (type(seq) is int and 0 <= seq < 10**18):
             raise CallError(1007, f"sequenceId {str(seq)[:24]!r} is not a decimal number")
-        media = msg.get("media")
-        if not isinstance(media, str):
-            raise CallError(1007, "Media has no media string")
         try:
-            audio = base64.b64decode(media, validate=True)
-        except (binascii.Error, ValueError):
+            audio = a2b_base64(msg["media"], strict_mode=True)
+        except KeyError:
+            raise CallError(1007, "Media has no media field") from None
+        except (binascii.Error, ValueError, TypeError):
             raise CallError(1007, "media is not valid base64") from None
-        if not audio:
-            raise CallError(1007, "media is empty")
-        if len(audio) > self.factory.settings.max_frame_bytes:
-            raise CallError(1007, f"media of {len(audio)} bytes is larger than a frame may be")
+        size = len(audio)
+        if not 0 < size <= self._max_frame_bytes:
+            raise CallError(1007, f"media of {size} bytes is empty or larger than a frame may be")
         call.media(self, perspective, seq, audio)
 
     def _on_stop(self, msg: dict) -> None:
