@@ -133,3 +133,44 @@ async def test_call_log_lines_mask_phone_numbers(recorder_factory):
     assert "call log-2/2 started: agent 123, ani 2223334444, dnis 2223335555" in text
     assert re.search(r"archived log-1/2 as \S+log-1-2 to file://\S+: 0\.1 s, endReason stop, "
                      r"agent 5 frames \(0 missing\), caller 5 frames \(0 missing\)", text)
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_connections_refuses_sockets_beyond_it(recorder_factory):
+    """Sockets beyond --max-connections get HTTP 503 at the handshake."""
+    rec = await recorder_factory(max_connections=2)
+    held = [await connect(reactor(), rec.port) for _ in range(2)]
+    try:
+        await connect(reactor(), rec.port)
+    except HandshakeRefused as e:
+        assert e.status == 503
+    else:
+        raise AssertionError("a socket beyond --max-connections was accepted")
+    held[0].close()
+    await held[0].closed
+    third = await connect(reactor(), rec.port)  # a place is free again
+    third.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_handshake_timeout_drops_a_silent_client(recorder_factory):
+    """A TCP client that never completes the WebSocket handshake is dropped after the timeout."""
+    from twisted.internet import defer, protocol
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    # Autobahn's timers (txaio's batched timer) keep whole seconds: 2 s fires after 1 to 2 s.
+    rec = await recorder_factory(handshake_timeout=2.0)
+
+    class Silent(protocol.Protocol):
+        def __init__(self):
+            self.lost = defer.Deferred()
+
+        def connectionLost(self, reason):
+            self.lost.callback((reactor().seconds(), reason))
+
+    silent = Silent()
+    await connectProtocol(TCP4ClientEndpoint(reactor(), "127.0.0.1", rec.port), silent)
+    opened = reactor().seconds()
+    silent.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+    closed_at, reason = await silent.lost
+    assert 0.9 <= closed_at - opened < 5, reason
