@@ -8,7 +8,7 @@ import pytest_twisted
 from twisted.logger import formatEvent, globalLogPublisher
 
 from test_service import AGENT, CALLER, SECRET, frames, reactor, record_call, sleep
-from wsclient import HandshakeRefused, connect, connected, media, start
+from wsclient import connect, connected, media, refused, start
 
 
 def metric(text: str, name: str, **labels) -> float:
@@ -41,10 +41,7 @@ async def test_metrics_count_a_replayed_call(recorder_factory):
             conn.send(media(CALLER, seq, caller[seq - 1]))
     conn.send_all([{"event": "Stop", "metadata": {}}] * 2)
     assert (await conn.closed)[0] == 1000
-    try:
-        await connect(reactor(), rec.port, headers={"Authorization": "Bearer wrong"})
-    except HandshakeRefused:
-        pass
+    assert await refused(reactor(), rec.port, headers={"Authorization": "Bearer wrong"}) == 403
     bad = await connect(reactor(), rec.port, headers=auth)
     bad.send("{nope")
     await bad.closed
@@ -74,12 +71,7 @@ async def test_readyz_fails_while_draining(recorder_factory):
     stopping = rec.service.stopService()
     code, body = await rec.http_get("/readyz")
     assert code == 503 and "draining" in body
-    try:
-        await connect(reactor(), rec.port)
-    except HandshakeRefused as e:
-        assert e.status == 503
-    else:
-        raise AssertionError("a handshake was accepted while draining")
+    assert await refused(reactor(), rec.port) == 503  # draining
     open_call.send_all([{"event": "Stop", "metadata": {}}])  # the call finishes inside the drain
     assert (await open_call.closed)[0] == 1000
     await stopping
@@ -94,12 +86,7 @@ async def test_max_calls_refuses_new_calls_not_joins(recorder_factory):
     first = await connect(reactor(), rec.port, query={"callId": "cap-1", "sessionId": "2"})
     first.send_all([connected(), start("cap-1"), media(AGENT, 1, b"\x01" * 160)])
     await sleep(0.05)
-    try:
-        await connect(reactor(), rec.port, query={"callId": "cap-2", "sessionId": "2"})
-    except HandshakeRefused as e:
-        assert e.status == 503
-    else:
-        raise AssertionError("a call beyond --max-calls was accepted")
+    assert await refused(reactor(), rec.port, query={"callId": "cap-2", "sessionId": "2"}) == 503
     # The handshake named a running call, but its Start names a new one: 1013, try again later.
     sneaky = await connect(reactor(), rec.port, query={"callId": "cap-1", "sessionId": "2"})
     sneaky.send_all([connected(), start("cap-3")])
@@ -140,12 +127,7 @@ async def test_max_connections_refuses_sockets_beyond_it(recorder_factory):
     """Sockets beyond --max-connections get HTTP 503 at the handshake."""
     rec = await recorder_factory(max_connections=2)
     held = [await connect(reactor(), rec.port) for _ in range(2)]
-    try:
-        await connect(reactor(), rec.port)
-    except HandshakeRefused as e:
-        assert e.status == 503
-    else:
-        raise AssertionError("a socket beyond --max-connections was accepted")
+    assert await refused(reactor(), rec.port) == 503
     held[0].close()
     await held[0].closed
     third = await connect(reactor(), rec.port)  # a place is free again

@@ -68,6 +68,16 @@ async def connect(reactor, port: int, query: dict | None = None, headers: dict |
     return Conn(proto, factory.closed)
 
 
+async def refused(reactor, port: int, **kw) -> int | None:
+    """The HTTP status of a handshake that must be refused (fails if it is accepted)."""
+    try:
+        conn = await connect(reactor, port, **kw)
+    except HandshakeRefused as e:
+        return e.status
+    conn.close()
+    raise AssertionError("the handshake was accepted")
+
+
 # -- the platform's messages ------------------------------------------------
 
 def connected(**extra) -> dict:
