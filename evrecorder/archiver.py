@@ -75,6 +75,7 @@ class Archiver(service.Service):
         self._queue: list[CallSpool] = []
         self._attempts: dict[str, int] = {}
         self._waiting_since: dict[str, float] = {}  # unconfirmed entry -> when it was queued
+        self._finalizing = defer.DeferredSemaphore(1)
         self._retries: dict[str, object] = {}
         self._uploading = 0
         self._in_flight: set[defer.Deferred] = set()
@@ -173,7 +174,9 @@ class Archiver(service.Service):
 
     def finalize(self, entry: CallSpool) -> defer.Deferred:
         self._waiting_since.setdefault(entry.path, self._reactor.seconds())
-        d = self._blocking(finalize, entry, self.settings)
+        # One at a time: when many calls end together, parallel finalizations
+        # only fight the reactor thread for the GIL and the disk.
+        d = self._finalizing.run(self._blocking, finalize, entry, self.settings)
 
         def finalized(sidecar):
             self.metrics.call_finalized(sidecar)

@@ -110,9 +110,19 @@ class Call:
 
     # -- events ----------------------------------------------------------
 
-    def media(self, conn: Connection, perspective: str, seq: int, payload: bytes) -> None:
-        """Take a Media frame.  Raises :class:`CallError` for bad input."""
-        self._last_activity = now = self._clock.seconds()
+    def media(
+        self, conn: Connection, perspective: str, seq: int, payload: bytes,
+        at: float | None = None,
+    ) -> None:
+        """Take a Media frame received at ``at`` (default: now).
+
+        A front door passes the time it *read* the frame, so frames read
+        together count as arriving together even when handling them took a
+        while (a late-starting perspective's offset depends on it).  The frame
+        is collected in the spool; the front door calls ``spool.flush()`` when
+        it has handled what it read.  Raises :class:`CallError` for bad input.
+        """
+        self._last_activity = now = self._clock.seconds() if at is None else at
         first = self._first_seq.get(perspective)
         if first is None:
             self._start_perspective(perspective, seq, now)

@@ -6,10 +6,13 @@ Each call is a directory ``<spool>/calls/<name>/``:
     who the call is (callId, sessionId, Start metadata, handshake query),
     written atomically before any audio, so a directory without it holds none.
 ``<Perspective>.frames``
-    every accepted Media frame in *arrival* order, appended as it arrives:
-    a record is ``>QH`` (sequenceId, payload length) and the payload.  The
-    reorder window is applied when the call is finalized, so a crash loses
-    nothing that sat in the window.
+    every accepted Media frame in *arrival* order: a record is ``>QH``
+    (sequenceId, payload length) and the payload.  Frames are collected in
+    memory only until the front door has handled what one read from its
+    socket delivered, then written with one ``write`` per file
+    (:meth:`CallSpool.flush`): a crash of the process loses nothing that was
+    handled.  The reorder window is applied when the call is finalized, so
+    a crash loses nothing that sat in the window either.
 ``events.jsonl``
     one JSON object a line, appended: a perspective's first frame (with its
     offset), each Stop, the end of the call.
@@ -40,6 +43,7 @@ WAV_FILE = "recording.wav"
 SIDECAR_FILE = "sidecar.json"
 FRAMES_SUFFIX = ".frames"
 DELETING_PREFIX = ".deleting-"
+FLUSH_BYTES = 32 * 1024
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -68,6 +72,7 @@ class CallSpool:
     def __init__(self, path: str):
         self.path = path
         self._frame_fds: dict[str, int] = {}
+        self._pending: dict[str, bytearray] = {}
         self._events_fd: int | None = None
 
     # -- writing (while the call runs) -----------------------------------
@@ -79,16 +84,33 @@ class CallSpool:
         write_json_atomic(os.path.join(self.path, CALL_FILE), header, fsync=False)
 
     def append_frame(self, perspective: str, seq: int, payload: bytes) -> None:
-        fd = self._frame_fds.get(perspective)
-        if fd is None:
-            fd = self._frame_fds[perspective] = os.open(
-                os.path.join(self.path, perspective + FRAMES_SUFFIX),
-                os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                0o640,
-            )
-        # One write per frame: once it returns, the frame survives a crash of
-        # this process (the kernel has it).
-        os.write(fd, RECORD.pack(seq, len(payload)) + payload)
+        """Collect a frame; :meth:`flush` writes it (or this, past 32 KiB)."""
+        buf = self._pending.get(perspective)
+        if buf is None:
+            buf = self._pending[perspective] = bytearray()
+        buf += RECORD.pack(seq, len(payload))
+        buf += payload
+        if len(buf) > FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand every collected frame to the kernel: from then on it survives
+        a crash of this process."""
+        for perspective, buf in self._pending.items():
+            if not buf:
+                continue
+            fd = self._frame_fds.get(perspective)
+            if fd is None:
+                fd = self._frame_fds[perspective] = os.open(
+                    os.path.join(self.path, perspective + FRAMES_SUFFIX),
+                    os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                    0o640,
+                )
+            view = memoryview(buf)
+            while view:
+                view = view[os.write(fd, view):]
+            view.release()
+            buf.clear()
 
     def append_event(self, event: dict) -> None:
         if self._events_fd is None:
@@ -101,6 +123,7 @@ class CallSpool:
         os.write(self._events_fd, line.encode("utf-8"))
 
     def close(self) -> None:
+        self.flush()
         for fd in self._frame_fds.values():
             os.close(fd)
         self._frame_fds.clear()
