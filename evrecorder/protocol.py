@@ -178,7 +178,14 @@ class RecorderProtocol(WebSocketServerProtocol):
         finally:
             call = self._call
             if call is not None:
-                call.spool.flush()  # one write per file for all this read carried
+                try:
+                    call.spool.flush()  # one write per file for all this read carried
+                except OSError:
+                    _log.failure(
+                        "writing call {call_id}/{session_id} to the spool failed",
+                        call_id=call.call_id, session_id=call.session_id,
+                    )
+                    self.close_with(1011, "the recorder cannot write to its spool")
 
     def onMessageEnd(self) -> None:
         # As Autobahn's, without firing a "message" event (a Deferred per

@@ -106,11 +106,10 @@ class CallSpool:
                     os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                     0o640,
                 )
-            view = memoryview(buf)
-            while view:
-                view = view[os.write(fd, view):]
-            view.release()
-            buf.clear()
+            while buf:
+                # What was written leaves the buffer at once: after an error,
+                # the buffer holds exactly what the file still lacks.
+                del buf[: os.write(fd, buf)]
 
     def append_event(self, event: dict) -> None:
         if self._events_fd is None:
