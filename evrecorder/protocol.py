@@ -31,6 +31,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
+from evrecorder import fastmask
 from evrecorder.call import Call, CallError, CallRegistry
 from evrecorder.settings import PERSPECTIVES, Settings
 
@@ -357,6 +358,7 @@ class RecorderFactory(WebSocketServerFactory):
 
     def __init__(self, registry: CallRegistry, settings: Settings, clock):
         super().__init__()
+        fastmask.install()
         self.registry = registry
         self.settings = settings
         self.clock = clock

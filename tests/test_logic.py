@@ -420,3 +420,25 @@ def test_a_spool_entry_that_cannot_be_finalized_is_retried_and_counted(tmp_path)
         clock.advance(4.0)
     assert archiver._attempts[broken] == 5 and archiver.queue_depth == 1
     assert os.path.isdir(broken)  # kept for the operator, never deleted unarchived
+
+
+def test_fast_masker_matches_autobahns_across_chunks():
+    """The integer XOR masker unmasks exactly as Autobahn's, also for payloads split at any byte."""
+    import random
+
+    from autobahn.websocket.xormasker import create_xor_masker as autobahns
+
+    from evrecorder.fastmask import IntXorMasker
+
+    rng = random.Random(7)
+    for _ in range(300):
+        mask = bytes(rng.randrange(256) for _ in range(4))
+        data = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 700)))
+        cuts = sorted(rng.sample(range(len(data) + 1), min(3, len(data) + 1)))
+        ours, theirs = IntXorMasker(mask), autobahns(mask, len(data))
+        got, want, prev = b"", b"", 0
+        for cut in cuts + [len(data)]:
+            got += ours.process(data[prev:cut])
+            want += theirs.process(data[prev:cut])
+            prev = cut
+        assert got == want and ours.pointer() == len(data)
