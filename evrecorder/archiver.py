@@ -32,6 +32,9 @@ from evrecorder.stores import PublishItem, Store, StoreError
 
 log = Logger()
 
+#: Finalize attempts before an entry is set aside until the next start.
+MAX_FINALIZE_ATTEMPTS = 5
+
 
 def _load_item(entry: CallSpool) -> tuple[dict, PublishItem]:
     with open(os.path.join(entry.path, SIDECAR_FILE), encoding="utf-8") as f:
@@ -173,6 +176,11 @@ class Archiver(service.Service):
     # -- finalize --------------------------------------------------------
 
     def finalize(self, entry: CallSpool) -> defer.Deferred:
+        if entry.finalized:
+            # A retry after the sidecar was written (its cleanup failed):
+            # never rebuild a recording from what is left.
+            self._enqueue(entry)
+            return defer.succeed(None)
         self._waiting_since.setdefault(entry.path, self._reactor.seconds())
         # One at a time: when many calls end together, parallel finalizations
         # only fight the reactor thread for the GIL and the disk.
@@ -189,10 +197,22 @@ class Archiver(service.Service):
 
         def failed(f):
             delay = self._backoff(entry)
+            attempt = self._attempts[entry.path]
+            if attempt >= MAX_FINALIZE_ATTEMPTS:
+                # Left for the operator and the next start; kept out of the
+                # queue age so one bad entry cannot fail /readyz for good.
+                self._waiting_since.pop(entry.path, None)
+                self.metrics.finalize_failures.inc()
+                log.failure(
+                    "finalizing {entry} failed {attempt} times; it stays in the spool, set "
+                    "aside until the next start",
+                    f, entry=entry.path, attempt=attempt,
+                )
+                return
             log.failure(
                 "finalizing {entry} failed (attempt {attempt}); it stays in the spool and is "
                 "tried again in {delay:.1f} s",
-                f, entry=entry.path, attempt=self._attempts[entry.path], delay=delay,
+                f, entry=entry.path, attempt=attempt, delay=delay,
             )
             self._later(delay, self.finalize, entry)
 

@@ -29,6 +29,9 @@ from evrecorder.spool import CallSpool, Spool
 log = Logger()
 
 FRAME_SECONDS = 0.020
+#: A Stop on a socket that carried no media may end a perspective another
+#: socket carries only once that perspective has sent nothing for this long.
+QUIET_SECONDS = 1.0
 
 
 class Connection(Protocol):
@@ -79,6 +82,7 @@ class Call:
         self._first_seq: dict[str, int] = {}
         self._stopped: dict[str, dict | None] = {}
         self._max_span = registry.settings.max_sequence_span
+        self._last_media: dict[str, float] = {}
         self._frames_metric = registry.metrics.frames
         self._bytes_metric = registry.metrics.media_bytes
         self._last_activity = self.created_at
@@ -137,6 +141,7 @@ class Call:
             sent.add(perspective)
         self.spool.append_frame(perspective, seq, payload)
         self.frames_received += 1
+        self._last_media[perspective] = now
         self._frames_metric[perspective] += 1
         self._bytes_metric[perspective] += len(payload)
 
@@ -168,7 +173,7 @@ class Call:
         now = self._clock.seconds()
         self._last_activity = now
         if perspective is None:
-            perspective = self._stop_perspective(conn)
+            perspective = self._stop_perspective(conn, now)
         elif perspective in self._stopped:
             perspective = None
         if perspective is None and self._first_seq:
@@ -177,10 +182,16 @@ class Call:
                 call_id=self.call_id, session_id=self.session_id,
             )
             return
-        # On disk first: if that fails, the call's state has not moved.
-        self.spool.append_event(
-            {"event": "stop", "perspective": perspective, "at": now, "metadata": metadata}
-        )
+        try:
+            self.spool.append_event(
+                {"event": "stop", "perspective": perspective, "at": now, "metadata": metadata}
+            )
+        except OSError:
+            # The Stop still ends what it ends; the recording keeps what is on disk.
+            log.failure(
+                "call {call_id}/{session_id}: a Stop could not be written to the spool",
+                call_id=self.call_id, session_id=self.session_id,
+            )
         if perspective is not None:
             self._stopped[perspective] = metadata
         if set(self._first_seq) <= set(self._stopped):
@@ -191,14 +202,19 @@ class Call:
         """Any message counts as activity for the idle timeout."""
         self._last_activity = self._clock.seconds()
 
-    def _stop_perspective(self, conn: Connection) -> str | None:
+    def _stop_perspective(self, conn: Connection, now: float) -> str | None:
         running = [p for p in PERSPECTIVES if p in self._first_seq and p not in self._stopped]
         on_conn = [p for p in running if p in self._connections.get(conn, ())]
         if on_conn:
             return on_conn[0]
         elsewhere = set().union(*(sent for c, sent in self._connections.items() if c is not conn))
         orphans = [p for p in running if p not in elsewhere]
-        return orphans[0] if orphans else None
+        if orphans:
+            return orphans[0]
+        # Carried by another socket that may be half-open (a reconnect whose
+        # old socket is not seen dead yet): only a perspective gone quiet.
+        quiet = [p for p in running if now - self._last_media.get(p, 0.0) >= QUIET_SECONDS]
+        return min(quiet, key=lambda p: self._last_media.get(p, 0.0)) if quiet else None
 
     @property
     def complete(self) -> bool:
@@ -214,10 +230,23 @@ class Call:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self.spool.append_event(
-            {"event": "end", "reason": reason, "complete": self.complete, "at": self.ended_at}
-        )
-        self.spool.close()
+        try:
+            self.spool.append_event(
+                {"event": "end", "reason": reason, "complete": self.complete, "at": self.ended_at}
+            )
+        except OSError:
+            log.failure(
+                "call {call_id}/{session_id}: its end could not be written to the spool",
+                call_id=self.call_id, session_id=self.session_id,
+            )
+        try:
+            self.spool.close()
+        except OSError:
+            # What reached the disk is still finalized and archived below.
+            log.failure(
+                "call {call_id}/{session_id}: its last frames could not be written",
+                call_id=self.call_id, session_id=self.session_id,
+            )
         for conn in list(self._connections):
             conn.end_call(1000 if reason == "stop" else 1001, "call ended: " + reason)
         self._connections.clear()

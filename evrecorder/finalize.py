@@ -35,10 +35,12 @@ def rfc3339(ts: float | None) -> str | None:
     return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _place(entry: CallSpool, perspective: str, window: int) -> tuple[str, PerspectiveStats]:
+def _place(
+    entry: CallSpool, perspective: str, window: int, mark: int | None
+) -> tuple[str, PerspectiveStats]:
     path = os.path.join(entry.path, perspective + PLACED_SUFFIX)
     with open(path, "wb") as out:
-        placer = Placer(window, out.write)
+        placer = Placer(window, out.write, mark=mark)
         for seq, payload in entry.read_frames(perspective):
             placer.add(seq, payload)
         stats = placer.finish()
@@ -85,16 +87,18 @@ def finalize(
             + [os.path.getmtime(os.path.join(entry.path, n)) for n in os.listdir(entry.path)]
         )
 
-    placed = {p: _place(entry, p, settings.reorder_window) for p in PERSPECTIVES}
     # The arrival offset belongs to the first frame to *arrive*; the timeline
-    # starts at the lowest id of the first window, which may be earlier.
+    # starts at the lowest id of the first window, which may be earlier: the
+    # placer marks where the first-arrived frame landed.
+    placed = {
+        p: _place(entry, p, settings.reorder_window, starts.get(p, (0, None))[1])
+        for p in PERSPECTIVES
+    }
     begin = {}
     for perspective, (_, stats) in placed.items():
         if stats.samples:
-            offset_frames, arrived = starts.get(perspective, (0, None))
-            if arrived is not None and stats.first_sequence_id is not None:
-                offset_frames -= int(arrived) - stats.first_sequence_id
-            begin[perspective] = offset_frames * FRAME_BYTES
+            offset_frames = starts.get(perspective, (0, None))[0]
+            begin[perspective] = offset_frames * FRAME_BYTES - (stats.mark_position or 0)
     shift = min(begin.values(), default=0)  # the earliest audio is sample 0
     channels = {}
     perspectives = {}

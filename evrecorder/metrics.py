@@ -39,6 +39,11 @@ class Metrics:
             "evrecorder_archive_failures", "Failed publish attempts (each is retried).",
             registry=self.registry,
         )
+        self.finalize_failures = Counter(
+            "evrecorder_finalize_set_aside",
+            "Spool entries that failed to finalize repeatedly and wait for the next start.",
+            registry=self.registry,
+        )
         self.upload_seconds = Histogram(
             "evrecorder_upload_seconds", "Time to publish one recording (WAV and sidecar).",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),

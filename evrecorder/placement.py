@@ -46,6 +46,8 @@ class PerspectiveStats:
     last_sequence_id: int | None = None
     samples: int = 0
     """Length of the timeline in samples (bytes of mu-law)."""
+    mark_position: int | None = None
+    """Where the marked sequenceId starts on the timeline, in samples."""
 
     def as_dict(self) -> dict:
         return {
@@ -78,7 +80,7 @@ def _write_silence(write: Callable[[bytes], None], nbytes: int) -> None:
 class Placer:
     """Reorders one perspective's frames; ``write`` receives the timeline."""
 
-    def __init__(self, window: int, write: Callable[[bytes], None]):
+    def __init__(self, window: int, write: Callable[[bytes], None], mark: int | None = None):
         if window < 1:
             raise ValueError("the reorder window must be at least one frame")
         self._window = window
@@ -88,6 +90,7 @@ class Placer:
         self._max_seen: int | None = None
         self._frame_len = FRAME_BYTES
         self._given_up: set[int] = set()  # slots filled with silence, for "late"
+        self._mark = mark
         self.stats = PerspectiveStats()
 
     def add(self, seq: int, payload: bytes) -> None:
@@ -132,6 +135,8 @@ class Placer:
         pending = self._pending
         while self._next < upto:
             payload = pending.pop(self._next, None)
+            if self._next == self._mark:
+                stats.mark_position = stats.samples
             if payload is not None:
                 self._write(payload)
                 stats.frames += 1
@@ -144,6 +149,8 @@ class Placer:
             following = min(pending) if pending else upto
             end = min(following, upto)
             count = end - self._next
+            if self._mark is not None and self._next < self._mark < end:
+                stats.mark_position = stats.samples + (self._mark - self._next) * self._frame_len
             _write_silence(self._write, count * self._frame_len)
             stats.missing += count
             stats.samples += count * self._frame_len

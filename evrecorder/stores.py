@@ -20,6 +20,7 @@ Contract shared by every store:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -115,6 +116,29 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+def _create_exclusive(src: str, path: str) -> None:
+    """Put ``src``'s content at ``path``, which must not exist (FileExistsError).
+
+    A hard link makes the whole file appear at once.  Filesystems without
+    hard links (vfat, some network mounts) get an exclusive create and a copy:
+    a reader may see a growing WAV there, but the sidecar still comes last.
+    """
+    try:
+        os.link(src, path)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            while block := f.read(1 << 20):
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+    _fsync_dir(os.path.dirname(path))
+
+
 def _atomic_write(path: str, write: Callable[[object], None]) -> None:
     """Replace ``path`` through a fsynced temporary file and a rename."""
     directory = os.path.dirname(path)
@@ -191,8 +215,7 @@ class LocalStore:
                         _unlink_quietly(tmp)
                         tmp = self._verified_copy(item, os.path.dirname(wav))
                     try:
-                        os.link(tmp, wav)
-                        _fsync_dir(os.path.dirname(wav))
+                        _create_exclusive(tmp, wav)
                     except FileExistsError:
                         pass  # someone else got there first: compare below
                 if sha256_file(wav) != item.wav_sha256:

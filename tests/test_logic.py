@@ -398,8 +398,8 @@ def test_racing_publishes_of_different_recordings_keep_both(tmp_path):
             f.unlink()
 
 
-def test_a_spool_entry_that_cannot_be_finalized_is_retried_and_counted(tmp_path):
-    """A finalize failure is retried with backoff and the entry stays in the queue depth."""
+def test_a_spool_entry_that_cannot_be_finalized_is_retried_then_set_aside(tmp_path):
+    """A finalize failure is retried with backoff, then set aside (kept on disk, out of readiness)."""
     from evrecorder.archiver import Archiver
     from evrecorder.stores import MemoryStore
     from twisted.internet import defer
@@ -416,9 +416,14 @@ def test_a_spool_entry_that_cannot_be_finalized_is_retried_and_counted(tmp_path)
                         run_blocking=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
     archiver.startService()
     assert archiver.queue_depth == 1 and archiver._attempts[broken] == 1
-    for _ in range(4):
+    for _ in range(3):
         clock.advance(4.0)
-    assert archiver._attempts[broken] == 5 and archiver.queue_depth == 1
+    assert archiver._attempts[broken] == 4 and archiver.queue_depth == 1
+    clock.advance(4.0)
+    assert archiver._attempts[broken] == 5 and archiver.queue_depth == 0
+    assert archiver.oldest_age() == 0.0
+    clock.advance(60.0)
+    assert archiver._attempts[broken] == 5  # no more attempts until the next start
     assert os.path.isdir(broken)  # kept for the operator, never deleted unarchived
 
 
@@ -442,3 +447,55 @@ def test_fast_masker_matches_autobahns_across_chunks():
             want += theirs.process(data[prev:cut])
             prev = cut
         assert got == want and ours.pointer() == len(data)
+
+
+def test_a_failing_last_write_still_ends_and_hands_over_the_call(tmp_path, monkeypatch):
+    """If the spool cannot take the last frames, the call still ends and goes to the archiver."""
+    clock, reg, ended, _ = make_registry(tmp_path)
+    conn = FakeConn()
+    call = reg.join(conn, "c1", "1", {}, {}, clock.seconds())
+    call.media(conn, AGENT, 1, b"\x01" * 160)
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    call.stop(conn, {}, AGENT)  # the Stop event itself cannot be written either
+    monkeypatch.undo()
+    assert call.ended and ended == [call] and reg.calls == {}
+    assert conn.closed[0] in (1000, 1001)
+
+
+def test_stop_from_a_reconnected_socket_ends_a_quiet_perspective(tmp_path):
+    """A Stop on a fresh socket ends the perspective whose old (half-open) socket went quiet."""
+    clock, reg, ended, _ = make_registry(tmp_path)
+    old, caller, fresh = FakeConn(), FakeConn(), FakeConn()
+    call = reg.join(old, "c1", "1", {}, {}, clock.seconds())
+    reg.join(caller, "c1", "1", {}, {}, clock.seconds())
+    call.media(old, AGENT, 1, b"\x01" * 160)
+    call.media(caller, CALLER, 1, b"\x02" * 160)
+    reg.join(fresh, "c1", "1", {}, {}, clock.seconds())
+    call.stop(fresh, None, None)  # the agent still streams (on `old`): ignored
+    assert AGENT not in call._stopped
+    clock.advance(2.0)
+    call.media(caller, CALLER, 2, b"\x02" * 160)
+    call.stop(fresh, None, None)  # the agent's old socket has been quiet for 2 s
+    call.stop(caller, None, None)
+    assert call.end_reason == "stop"
+
+
+def test_start_alignment_counts_the_frames_real_length(tmp_path):
+    """With 320-byte frames, ids skipped at a perspective's start move it by 320 samples each."""
+    clock, reg, _, settings = make_registry(tmp_path)
+    conn = FakeConn()
+    call = reg.join(conn, "c1", "1", {}, {}, clock.seconds())
+    call.media(conn, CALLER, 1, b"\x05" * 160)  # the call starts at t=0 with the caller
+    clock.advance(0.2)  # 10 frames later the agent's frame 103 arrives first
+    for seq in (103, 100, 101, 102, 104):
+        call.media(conn, AGENT, seq, bytes([seq]) * 320)
+    call.end("stop")
+    sidecar = finalize(call.spool, settings)
+    # Frame 103 arrived at sample 1600; 100..102 (3 x 320) come before it.
+    assert sidecar["perspectives"][AGENT]["offsetSamples"] == 1600 - 960
+    left, _ = read_pcm16_wav(os.path.join(call.spool.path, "recording.wav"))
+    assert left[640:640 + 320] == independent_decode(bytes([100]) * 320)
