@@ -25,24 +25,14 @@ from botocore.config import Config
 from evrecorder.s3store import S3Store
 from evrecorder.stores import PublishItem, StoreError
 
-try:  # tests/ is on sys.path (pytest's prepend mode, conftest.py)
-    from s3server import (  # noqa: F401
-        aws_credentials,
-        bucket,
-        s3_auth_enforced,
-        s3_client,
-        s3_endpoint,
-        s3_server,
-    )
-except ImportError:  # tests/ became a package
-    from tests.s3server import (  # noqa: F401
-        aws_credentials,
-        bucket,
-        s3_auth_enforced,
-        s3_client,
-        s3_endpoint,
-        s3_server,
-    )
+from s3server import (  # noqa: F401  (tests/ is on sys.path: see conftest.py)
+    aws_credentials,
+    bucket,
+    s3_auth_enforced,
+    s3_client,
+    s3_endpoint,
+    s3_server,
+)
 
 MiB = 1024 * 1024
 KEY = "2026/11/24/call-1"
