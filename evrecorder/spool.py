@@ -152,13 +152,6 @@ class CallSpool:
                 break  # a line cut by a crash: nothing after it was written
         return events
 
-    def perspectives_on_disk(self) -> list[str]:
-        return sorted(
-            name[: -len(FRAMES_SUFFIX)]
-            for name in os.listdir(self.path)
-            if name.endswith(FRAMES_SUFFIX)
-        )
-
     def read_frames(self, perspective: str, chunk: int = 1 << 16) -> Iterator[tuple[int, bytes]]:
         """Frames in arrival order; stops quietly at a truncated last record."""
         path = os.path.join(self.path, perspective + FRAMES_SUFFIX)
