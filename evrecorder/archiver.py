@@ -36,17 +36,24 @@ log = Logger()
 MAX_FINALIZE_ATTEMPTS = 5
 
 
-def _load_item(entry: CallSpool) -> tuple[dict, PublishItem]:
+def _load_item(entry: CallSpool, now: Callable[[], float]) -> tuple[dict, PublishItem]:
+    """The finalized call as a publish item; its sidecar gets the key used and archivedAt."""
     with open(os.path.join(entry.path, SIDECAR_FILE), encoding="utf-8") as f:
         sidecar = json.load(f)
     audio = sidecar["audio"]
     metadata = sidecar.get("metadata") or {}
+
+    def sidecar_for(key: str) -> bytes:
+        sidecar["key"] = key
+        sidecar["timing"]["archivedAt"] = rfc3339(now())
+        return (json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n").encode()
+
     return sidecar, PublishItem(
         key=sidecar["key"],
         wav_path=os.path.join(entry.path, WAV_FILE),
         wav_sha256=audio["sha256"],
         wav_size=audio["bytes"],
-        sidecar_for=lambda key: b"",  # set per attempt, with archivedAt
+        sidecar_for=sidecar_for,
         object_metadata={
             "callId": str(sidecar["callId"]),
             "sessionId": str(sidecar["sessionId"]),
@@ -134,15 +141,15 @@ class Archiver(service.Service):
                 continue
             if entry.finalized:
                 log.info("queued {entry} from the spool", entry=os.path.basename(entry.path))
-                self._enqueue(entry)
             elif entry.has_header:
                 log.warn(
                     "recovering {entry}: a call left unfinished by a crash or kill",
                     entry=os.path.basename(entry.path),
                 )
-                self.finalize(entry)
             else:
                 entry.remove()  # created but crashed before the header: holds no audio
+                continue
+            self.finalize(entry)  # queues a finalized entry as it is
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -187,6 +194,7 @@ class Archiver(service.Service):
         d = self._finalizing.run(self._blocking, finalize, entry, self.settings)
 
         def finalized(sidecar):
+            self._attempts.pop(entry.path, None)  # uploads count their own attempts
             self.metrics.call_finalized(sidecar)
             log.info(
                 "finalized {call_id}/{session_id}: {seconds:.1f} s, endReason {reason}",
@@ -242,14 +250,7 @@ class Archiver(service.Service):
         started = self._reactor.seconds()
 
         def publish():
-            sidecar, item = _load_item(entry)
-
-            def sidecar_for(key: str) -> bytes:
-                sidecar["key"] = key
-                sidecar["timing"]["archivedAt"] = rfc3339(self._reactor.seconds())
-                return (json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n").encode()
-
-            item.sidecar_for = sidecar_for
+            sidecar, item = _load_item(entry, self._reactor.seconds)
             key = self.store.publish(item)
             entry.remove()
             return sidecar, key
