@@ -134,10 +134,14 @@ class Archiver(service.Service):
         self.recover()
 
     def recover(self) -> None:
-        """Queue finalized spool entries; finalize the ones a crash left."""
+        """Queue finalized spool entries; finalize the ones a crash left.
+
+        An entry another process holds (a sibling recorder sharing the spool
+        is recording, finalizing or publishing it) is left to it.
+        """
         live = self.live_paths()
         for entry in self.spool.entries():
-            if entry.path in live:
+            if entry.path in live or not entry.lock():
                 continue
             if entry.finalized:
                 log.info("queued {entry} from the spool", entry=os.path.basename(entry.path))
@@ -164,6 +168,8 @@ class Archiver(service.Service):
         if self._pool is not None:
             self._pool.stop()
             self._pool = None
+        # What is left in the spool is free for a sibling or the next start.
+        self.spool.release_all()
         yield super().stopService()
 
     def wait_idle(self) -> defer.Deferred:

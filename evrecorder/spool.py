@@ -22,10 +22,19 @@ Each call is a directory ``<spool>/calls/<name>/``:
     after the store confirmed both objects.
 
 A truncated last record or line (``kill -9`` mid-write) is ignored on reading.
+
+Several recorder processes may share one spool (``--reuse-port``).  Whoever
+works on an entry (records it, finalizes it, publishes it) holds an exclusive
+``flock`` on its directory until the entry is gone; the kernel drops the lock
+when the process dies, which is how a survivor (or the next start) tells a
+call a crash left from one a sibling is still recording.  A new entry is built
+under a hidden name, locked, given its ``call.json`` and only then renamed
+into sight, so no one ever sees an unlocked entry without its header.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -43,6 +52,7 @@ WAV_FILE = "recording.wav"
 SIDECAR_FILE = "sidecar.json"
 FRAMES_SUFFIX = ".frames"
 DELETING_PREFIX = ".deleting-"
+NEW_PREFIX = ".new-"
 FLUSH_BYTES = 32 * 1024
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -69,19 +79,68 @@ def write_json_atomic(path: str, obj: object, fsync: bool = True) -> None:
 class CallSpool:
     """One call's spool directory, open for appending while the call runs."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, held: set | None = None):
         self.path = path
+        self._held = held  # the spool's set of entries this process holds
         self._frame_fds: dict[str, int] = {}
         self._pending: dict[str, bytearray] = {}
         self._events_fd: int | None = None
+        self._lock_fd: int | None = None
+
+    # -- ownership ---------------------------------------------------------
+
+    def lock(self) -> bool:
+        """Take the entry for this process: False if another holds it (or it is gone)."""
+        if self._lock_fd is not None:
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        if not os.path.isdir(self.path) or os.stat(self.path).st_ino != os.fstat(fd).st_ino:
+            os.close(fd)  # removed or replaced while we locked it
+            return False
+        self._hold(fd)
+        return True
+
+    def _hold(self, fd: int) -> None:
+        self._lock_fd = fd
+        if self._held is not None:
+            self._held.add(self)
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self._held is not None:
+            self._held.discard(self)
 
     # -- writing (while the call runs) -----------------------------------
 
     def create(self, header: dict) -> None:
-        os.makedirs(self.path, exist_ok=False)
-        # Runs on the reactor thread: no fsync (the frames are not fsynced
-        # either; the page cache carries them through a crash of the process).
-        write_json_atomic(os.path.join(self.path, CALL_FILE), header, fsync=False)
+        """Make the entry, locked by this process, with its header in place."""
+        parent, name = os.path.split(self.path)
+        hidden = os.path.join(parent, NEW_PREFIX + name)
+        os.mkdir(hidden)
+        try:
+            fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._hold(fd)
+            # Runs on the reactor thread: no fsync (the frames are not fsynced
+            # either; the page cache carries them through a crash of the process).
+            write_json_atomic(os.path.join(hidden, CALL_FILE), header, fsync=False)
+            if os.path.exists(self.path):
+                raise FileExistsError(self.path)
+            os.rename(hidden, self.path)
+        except BaseException:
+            self.unlock()
+            shutil.rmtree(hidden, ignore_errors=True)
+            raise
 
     def append_frame(self, perspective: str, seq: int, payload: bytes) -> None:
         """Collect a frame; :meth:`flush` writes it (or this, past 32 KiB)."""
@@ -194,8 +253,10 @@ class CallSpool:
         try:
             os.rename(self.path, doomed)
         except FileNotFoundError:
+            self.unlock()
             return
         shutil.rmtree(doomed, ignore_errors=True)
+        self.unlock()
 
 
 class Spool:
@@ -204,12 +265,20 @@ class Spool:
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
         self.calls_dir = os.path.join(self.root, "calls")
+        self.held: set[CallSpool] = set()
+
+    def release_all(self) -> None:
+        """Let go of every entry this process holds (the recorder is stopping)."""
+        for entry in list(self.held):
+            entry.close()
+            entry.unlock()
 
     def prepare(self) -> None:
         os.makedirs(self.calls_dir, exist_ok=True)
 
     def new_call(self, call_id: str, session_id: str, started: float) -> CallSpool:
-        """A fresh directory for a call; unique even for a repeated call key."""
+        """A fresh directory name for a call; unique even for a repeated call key.
+        (:meth:`CallSpool.create` makes it.)"""
         base = "{}-{}".format(_UNSAFE.sub("_", call_id)[:64], _UNSAFE.sub("_", session_id)[:32])
         digest = hashlib.sha256(f"{call_id}\0{session_id}".encode()).hexdigest()[:8]
         stamp = int(started * 1000)
@@ -217,20 +286,28 @@ class Spool:
         while True:
             name = f"{stamp}-{base}-{digest}" + (f"-{n}" if n else "")
             path = os.path.join(self.calls_dir, name)
-            if not os.path.exists(path):
-                return CallSpool(path)
+            if not os.path.exists(path) and not os.path.exists(
+                os.path.join(self.calls_dir, NEW_PREFIX + name)
+            ):
+                return CallSpool(path, self.held)
             n += 1
 
     def entries(self) -> list[CallSpool]:
+        """The call entries in sight (locked or not); leftovers of a crash cleared."""
         try:
             names = sorted(os.listdir(self.calls_dir))
         except FileNotFoundError:
             return []
         for name in names:
-            if name.startswith(DELETING_PREFIX):  # a deletion a crash interrupted
-                shutil.rmtree(os.path.join(self.calls_dir, name), ignore_errors=True)
+            if name.startswith((DELETING_PREFIX, NEW_PREFIX)):
+                # A deletion or creation that a crash interrupted; one a live
+                # process is in the middle of is locked and left alone.
+                leftover = CallSpool(os.path.join(self.calls_dir, name))
+                if leftover.lock():
+                    shutil.rmtree(leftover.path, ignore_errors=True)
+                    leftover.unlock()
         return [
-            CallSpool(os.path.join(self.calls_dir, n))
+            CallSpool(os.path.join(self.calls_dir, n), self.held)
             for n in names
             if not n.startswith(".") and os.path.isdir(os.path.join(self.calls_dir, n))
         ]
