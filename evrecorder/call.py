@@ -89,6 +89,7 @@ class Call:
         self._detached_at: float | None = None
         self._timer = None
         self.frames_received = 0
+        self.claim = None  # this process's claim on the call (owners.Claim)
         self._schedule()
 
     @property
@@ -151,9 +152,12 @@ class Call:
             offset = 0
         else:
             # Whole 20 ms frames after the call's first media; frames within
-            # one frame of each other start together.
+            # one frame of each other start together.  A frame read *earlier*
+            # than the first one handled (relayed by a sibling process, which
+            # adds a hop) gets a negative offset: finalize starts the
+            # recording at the earliest perspective.
             delta = now - self.first_media_at
-            offset = 0 if delta < FRAME_SECONDS else round(delta / FRAME_SECONDS)
+            offset = 0 if abs(delta) < FRAME_SECONDS else round(delta / FRAME_SECONDS)
         # On disk first: if that fails, the perspective has not started.
         self.spool.append_event(
             {"event": "media", "perspective": perspective, "at": now, "offsetFrames": offset,
@@ -305,6 +309,12 @@ class CallRegistry:
         self.clock = clock
         self._on_ended = on_ended
         self.calls: dict[tuple[str, str], Call] = {}
+        #: Claims on calls when processes share the spool (CallOwners), and
+        #: how to reach a sibling that owns one: ``relay(conn, address, call_id,
+        #: session_id, metadata, query, connected_at)`` returns a stand-in for
+        #: the call, or raises OSError.  None: this process is alone.
+        self.owners = None
+        self.relay = None
 
     def join(
         self,
@@ -314,25 +324,46 @@ class CallRegistry:
         metadata: dict,
         query: dict,
         connected_at: float,
-    ) -> Call:
-        """The call for this key, created if new; ``conn`` is attached to it."""
+        relayed: bool = False,
+    ):
+        """The call for this key, created if new; ``conn`` is attached to it.
+
+        When a sibling process sharing the spool records the call, the
+        result is a stand-in that relays to it (:mod:`evrecorder.relay`);
+        ``relayed`` joins (from a sibling) are always recorded here.
+        """
         key = (call_id, session_id)
         call = self.calls.get(key)
         if call is None:
-            if len(self.calls) >= self.settings.max_calls:
-                raise CallError(1013, f"at capacity ({self.settings.max_calls} calls)")
-            entry = self.spool.new_call(call_id, session_id, connected_at)
-            entry.create(
-                {
-                    "callId": call_id,
-                    "sessionId": session_id,
-                    "metadata": metadata,
-                    "query": query,
-                    "connectedAt": connected_at,
-                    "createdAt": self.clock.seconds(),
-                }
-            )
+            claim = None
+            if self.owners is not None:
+                claim = self.owners.claim(call_id, session_id)
+                if not claim.owned:
+                    remote = self._relay(conn, claim.address, call_id, session_id, metadata,
+                                         query, connected_at, relayed)
+                    if remote is not None:
+                        return remote
+                    claim = None  # recorded here without a claim: the owner is unreachable
+            try:
+                if len(self.calls) >= self.settings.max_calls:
+                    raise CallError(1013, f"at capacity ({self.settings.max_calls} calls)")
+                entry = self.spool.new_call(call_id, session_id, connected_at)
+                entry.create(
+                    {
+                        "callId": call_id,
+                        "sessionId": session_id,
+                        "metadata": metadata,
+                        "query": query,
+                        "connectedAt": connected_at,
+                        "createdAt": self.clock.seconds(),
+                    }
+                )
+            except BaseException:
+                if claim is not None:
+                    claim.release()
+                raise
             call = Call(self, entry, call_id, session_id, metadata, connected_at)
+            call.claim = claim
             self.calls[key] = call
             log.info(
                 "call {call_id}/{session_id} started: agent {agent_id}, ani {ani}, dnis {dnis}",
@@ -346,6 +377,32 @@ class CallRegistry:
             )
         call.attach(conn)
         return call
+
+    def _relay(self, conn, address, call_id, session_id, metadata, query, connected_at,
+               relayed):
+        """A stand-in relaying to the sibling that owns the call, or None."""
+        if relayed or not address or self.relay is None:
+            reason = "it came from a sibling" if relayed else "it has no relay"
+        else:
+            try:
+                remote = self.relay(conn, address, call_id, session_id, metadata, query,
+                                    connected_at)
+            except OSError as e:
+                reason = f"its relay does not answer ({e.strerror or e})"
+            else:
+                self.metrics.relayed += 1
+                log.info(
+                    "call {call_id}/{session_id}: recorded by a sibling process; this socket "
+                    "is relayed to it",
+                    call_id=call_id, session_id=session_id,
+                )
+                return remote
+        log.warn(
+            "call {call_id}/{session_id}: another recorder process claims it, but {reason}: "
+            "recording this socket here as a recording of its own",
+            call_id=call_id, session_id=session_id, reason=reason,
+        )
+        return None
 
     def _phone(self, number) -> str:
         """Phone numbers are personal data: logged masked but for the last 4 digits."""
@@ -362,6 +419,8 @@ class CallRegistry:
     def call_ended(self, call: Call) -> None:
         if self.calls.get(call.key) is call:
             del self.calls[call.key]
+        if call.claim is not None:
+            call.claim.release()  # a socket for this key from now on is a new recording
         log.info(
             "call {call_id}/{session_id} ended ({reason}), {frames} frames received",
             call_id=call.call_id, session_id=call.session_id,

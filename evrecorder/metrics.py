@@ -31,6 +31,7 @@ class Metrics:
         self.rejected: Tally = Tally()  # handshake refusals by reason
         self.closed: Tally = Tally()  # sockets closed for bad input, by close code
         self.gauges: dict[str, Callable[[], float]] = {}
+        self.relayed = 0  # sockets relayed to the sibling process that records their call
         self.archived = Counter(
             "evrecorder_calls_archived", "Calls published to the archive.", ["end_reason"],
             registry=self.registry,
@@ -82,6 +83,10 @@ class _Collector:
         for (name, perspective), n in sorted(m.placement.items()):
             family.add_metric([name, perspective], n)
         yield family
+        yield CounterMetricFamily(
+            "evrecorder_relayed_sockets",
+            "Sockets whose call a sibling process records (relayed to it).", value=m.relayed,
+        )
         for name, read in sorted(m.gauges.items()):
             yield GaugeMetricFamily(name, _GAUGE_DOCS.get(name, name), value=read())
 

@@ -10,17 +10,22 @@ the next start).
 
 from __future__ import annotations
 
+import os
+
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.logger import Logger
 from twisted.web.server import Site
 
+from evrecorder import relay
 from evrecorder.archiver import Archiver
 from evrecorder.call import CallRegistry
 from evrecorder.metrics import Metrics, site_root
+from evrecorder.owners import CallOwners
 from evrecorder.protocol import RecorderFactory
+from evrecorder.reuseport import ReusePortReactor
 from evrecorder.settings import Settings
 from evrecorder.spool import Spool
 from evrecorder.stores import Store
@@ -50,6 +55,51 @@ class _Listener(StreamServerEndpointService):
             raise ListenError(f"cannot listen on {self.spec}: {e}") from None
 
 
+class _Relay(service.Service):
+    """Claims on calls, and the listener siblings relay their sockets to.
+
+    Started after the archiver's recovery and before the WebSocket listeners:
+    every call this process records is claimed with this listener's address.
+    """
+
+    def __init__(self, recorder: "RecorderService"):
+        self.recorder = recorder
+        self.port = None
+        self.path: str | None = None
+
+    def startService(self):
+        super().startService()
+        rec = self.recorder
+        relay_dir = os.path.join(rec.spool.root, "relay")
+        os.makedirs(relay_dir, exist_ok=True)
+        relay.clear_stale(relay_dir)
+        self.path = relay.relay_path(rec.spool.root)
+        if self.path is None:
+            log.warn(
+                "the spool path {spool} is too long for a UNIX socket: a call that reaches "
+                "two recorder processes sharing this spool is recorded as two recordings",
+                spool=rec.spool.root,
+            )
+        else:
+            endpoint = UNIXServerEndpoint(rec._reactor, self.path, mode=0o600)
+            endpoint.listen(relay.RelayServerFactory(rec.registry)).addCallback(
+                self._listening
+            )
+        owners = CallOwners(rec.spool.root, self.path)
+        owners.prepare()
+        rec.registry.owners = owners
+        rec.registry.relay = rec._relay_to
+
+    def _listening(self, port):
+        self.port = port
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+
+
 class RecorderService(service.MultiService):
     """Owns the calls; its children are the archiver and the listeners."""
 
@@ -68,6 +118,8 @@ class RecorderService(service.MultiService):
             self.spool, settings, reactor, self._call_ended, metrics=self.metrics
         )
         self.archiver.live_paths = lambda: {c.spool.path for c in self.registry.calls.values()}
+        _Relay(self).setServiceParent(self)
+        self._listen_reactor = ReusePortReactor(reactor) if settings.reuse_port else reactor
         self.factory = RecorderFactory(self.registry, settings, reactor)
         self.metrics.gauges.update({
             "evrecorder_active_calls": lambda: len(self.registry.calls),
@@ -82,14 +134,25 @@ class RecorderService(service.MultiService):
         for spec in metrics_listen:
             self.add_metrics_listener(spec)
 
-    def add_listener(self, spec: str, factory=None) -> StreamServerEndpointService:
-        svc = _Listener(spec, serverFromString(self._reactor, spec), factory or self.factory)
+    def add_listener(self, spec: str, factory=None, reactor=None) -> StreamServerEndpointService:
+        endpoint = serverFromString(reactor or self._listen_reactor, spec)
+        svc = _Listener(spec, endpoint, factory or self.factory)
         svc.setServiceParent(self)
         self.listeners.append(svc)
         return svc
 
     def add_metrics_listener(self, spec: str) -> StreamServerEndpointService:
-        return self.add_listener(spec, Site(site_root(self.metrics, self.not_ready)))
+        # Never shared: each process answers for itself.
+        return self.add_listener(
+            spec, Site(site_root(self.metrics, self.not_ready)), reactor=self._reactor
+        )
+
+    def _relay_to(self, conn, address, call_id, session_id, metadata, query, connected_at):
+        remote = relay.RemoteCall(
+            self.registry, conn, call_id, session_id, metadata, query, connected_at
+        )
+        remote.connect(address, self._reactor)
+        return remote
 
     def not_ready(self) -> str | None:
         """Why this recorder should get no new calls now, or None."""

@@ -42,6 +42,8 @@ class Settings:
     ready_max_queue_age: float = 600.0
     """/readyz fails when the oldest unconfirmed recording is older than this."""
     log_phone_numbers: bool = False
+    reuse_port: bool = False
+    """Listen with SO_REUSEPORT: several processes (sharing the spool) on one port."""
     retry_initial: float = 1.0
     retry_max: float = 300.0
     s3: dict = field(default_factory=dict)

@@ -78,6 +78,9 @@ class Options(usage.Options):
 
     optFlags = [
         ["log-phone-numbers", None, "Log ani/dnis in full (masked but for 4 digits by default)."],
+        ["reuse-port", None,
+         "Listen with SO_REUSEPORT, so several recorder processes sharing one --spool can "
+         "serve one port (e.g. one per core)."],
     ]
 
     def __init__(self):
@@ -191,6 +194,7 @@ class Options(usage.Options):
             max_calls=self["max-calls"],
             ready_max_queue_age=self["ready-max-queue-age"],
             log_phone_numbers=bool(self["log-phone-numbers"]),
+            reuse_port=bool(self["reuse-port"]),
             s3=self.s3_options(),
         )
 

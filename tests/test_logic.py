@@ -235,8 +235,12 @@ def test_late_perspective_offset_is_whole_frames(tmp_path):
     call2.media(conn, AGENT, 1, b"\x01" * 160)
     clock.advance(0.019)
     call2.media(conn, CALLER, 1, b"\x02" * 160)
-    events = call.spool.read_events() + call2.spool.read_events()
-    assert [e["offsetFrames"] for e in events if e["event"] == "media"] == [0, 24, 0, 0]
+    # Handled later but read earlier (a sibling process relayed it): negative.
+    call3 = reg.join(conn, "c3", "1", {}, {}, clock.seconds())
+    call3.media(conn, AGENT, 1, b"\x01" * 160)
+    call3.media(conn, CALLER, 1, b"\x02" * 160, at=clock.seconds() - 0.061)
+    events = call.spool.read_events() + call2.spool.read_events() + call3.spool.read_events()
+    assert [e["offsetFrames"] for e in events if e["event"] == "media"] == [0, 24, 0, 0, 0, -3]
 
 
 def test_stop_counting_and_grace(tmp_path):

@@ -1,0 +1,315 @@
+"""Relaying a socket's call to the sibling process that records it.
+
+Several recorder processes can share a port (``--reuse-port``) and a spool.
+When a socket joins a call that a sibling owns (:mod:`evrecorder.owners`),
+the process that has the socket opens one UNIX-socket connection to the
+owner's relay listener and forwards what the socket carries, already checked
+and decoded: the join, each Media frame (with the time it was read), Stops and
+other activity.  On the owner, the relay connection is one more connection of
+the call, exactly like a WebSocket of its own: Stop attribution, reconnect
+grace and the end of the call treat it the same.  When the call ends, or the
+owner refuses a frame, the owner says so with a close code and reason, and
+the WebSocket is closed with them.
+
+If the owner dies while a socket is relaying to it, the socket's call goes on
+in this process: it joins the call here (claiming it anew), so the rest of the
+audio is recorded; what the owner had is recovered from the spool as a
+separate recording, as for any crash.
+
+Wire format: 32-bit length-prefixed messages, first byte the kind.
+
+=====  ======================================================================
+``J``  join: JSON {callId, sessionId, metadata, query, connectedAt}
+``M``  media: ``>BQd`` (perspective index, sequenceId, read time), payload
+``S``  Stop: JSON {metadata, perspective}
+``T``  activity (a Connected, a repeated Start)
+``E``  owner to relay: the call is over for this socket: ``>H`` code, reason
+=====  ======================================================================
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import socket
+import struct
+
+import orjson
+from twisted.internet import protocol
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+
+from evrecorder.call import CallError
+from evrecorder.settings import PERSPECTIVES
+
+log = Logger()
+
+_MEDIA = struct.Struct(">BQd")
+_END = struct.Struct(">H")
+_INDEX = {p: i for i, p in enumerate(PERSPECTIVES)}
+#: sun_path holds 108 bytes with the terminating NUL.
+_MAX_PATH = 107
+
+
+def relay_path(spool_root: str) -> str | None:
+    """A fresh relay socket path in the spool; None if the path is too long."""
+    name = f"{os.getpid()}-{secrets.token_hex(4)}.sock"
+    path = os.path.join(spool_root, "relay", name)
+    return path if len(path.encode()) <= _MAX_PATH else None
+
+
+def clear_stale(relay_dir: str) -> None:
+    """Remove relay sockets nobody listens on (left by processes that died)."""
+    try:
+        names = os.listdir(relay_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if not name.endswith(".sock"):
+            continue
+        path = os.path.join(relay_dir, name)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.setblocking(False)
+            probe.connect(path)
+        except OSError as e:
+            if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        finally:
+            probe.close()
+
+
+# -- the owner's side --------------------------------------------------------
+
+
+class RelayedConnection(Int32StringReceiver):
+    """On the owner: a sibling's socket, as one connection of a local call."""
+
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self, registry):
+        self.registry = registry
+        self.call = None
+        self.peer = "relay"
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            super().dataReceived(data)
+        finally:
+            call = self.call
+            if call is not None:
+                try:
+                    call.spool.flush()
+                except OSError:
+                    log.failure("writing a relayed call to the spool failed")
+                    self._refuse(1011, "the recorder cannot write to its spool")
+
+    def stringReceived(self, msg: bytes) -> None:
+        kind = msg[:1]
+        try:
+            if kind == b"M":
+                call = self.call
+                if call is None or call.ended:
+                    raise CallError(1008, "Media after the call ended")
+                index, seq, at = _MEDIA.unpack_from(msg, 1)
+                call.media(self, PERSPECTIVES[index], seq, msg[1 + _MEDIA.size :], at)
+            elif kind == b"J":
+                if self.call is None:
+                    j = orjson.loads(msg[1:])
+                    self.call = self.registry.join(
+                        self, j["callId"], j["sessionId"], j["metadata"], j["query"],
+                        j["connectedAt"], relayed=True,
+                    )
+            elif kind == b"S":
+                if self.call is not None and not self.call.ended:
+                    j = orjson.loads(msg[1:])
+                    self.call.stop(self, j["metadata"], j["perspective"])
+            elif kind == b"T":
+                if self.call is not None:
+                    self.call.touch()
+            else:
+                raise CallError(1011, f"relay message of unknown kind {kind!r}")
+        except CallError as e:
+            self._refuse(e.code, e.reason)
+        except Exception:
+            log.failure("a relayed message could not be handled")
+            self._refuse(1011, "internal error")
+
+    def _refuse(self, code: int, reason: str) -> None:
+        call, self.call = self.call, None
+        if call is not None and not call.ended:
+            call.detach(self)
+        self.end_call(code, reason)
+
+    def end_call(self, code: int, reason: str) -> None:
+        """The call is over for this socket (Connection interface)."""
+        self.call = None
+        if self.transport is not None and self.connected:
+            self.sendString(b"E" + _END.pack(code) + reason.encode("utf-8"))
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        call, self.call = self.call, None
+        if call is not None and not call.ended:
+            call.detach(self)
+
+
+class RelayServerFactory(protocol.Factory):
+    def __init__(self, registry):
+        self.registry = registry
+
+    def buildProtocol(self, addr):
+        p = RelayedConnection(self.registry)
+        p.factory = self
+        return p
+
+
+# -- the relaying side -------------------------------------------------------
+
+
+class _NoSpool:
+    """A relayed call has no spool here: the owner writes it."""
+
+    def flush(self) -> None:
+        pass
+
+
+_NO_SPOOL = _NoSpool()
+
+
+class _RelayClient(Int32StringReceiver):
+    MAX_LENGTH = 1 << 16
+
+    def __init__(self, remote: "RemoteCall"):
+        self.remote = remote
+
+    def stringReceived(self, msg: bytes) -> None:
+        if msg[:1] == b"E":
+            (code,) = _END.unpack_from(msg, 1)
+            self.remote._ended_by_owner(code, msg[1 + _END.size :].decode("utf-8", "replace"))
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.remote._relay_lost()
+
+
+class _Once(protocol.Factory):
+    def __init__(self, proto):
+        self.proto = proto
+
+    def buildProtocol(self, addr):
+        return self.proto
+
+
+class RemoteCall:
+    """A call a sibling process records, as the front door sees it.
+
+    It has :class:`~evrecorder.call.Call`'s interface for a connection:
+    ``media``, ``stop``, ``touch``, ``detach``, ``ended``, ``spool.flush()``.
+    """
+
+    def __init__(self, registry, conn, call_id, session_id, metadata, query, connected_at):
+        self.registry = registry
+        self.conn = conn
+        self.call_id = call_id
+        self.session_id = session_id
+        self._join_args = (metadata, query, connected_at)
+        self._client: _RelayClient | None = None
+        self._local = None  # the call here, once the owner is gone
+        self._ended = False
+        self._closing = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.call_id, self.session_id)
+
+    @property
+    def ended(self) -> bool:
+        return self._local.ended if self._local is not None else self._ended
+
+    @property
+    def spool(self):
+        return self._local.spool if self._local is not None else _NO_SPOOL
+
+    def connect(self, address: str, reactor) -> None:
+        """Open the relay; raises OSError when the owner cannot be reached."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # A UNIX socket connects at once or fails at once (unless the
+            # owner's backlog is full, which the timeout bounds).
+            sock.settimeout(1.0)
+            sock.connect(address)
+            sock.setblocking(False)
+            client = _RelayClient(self)
+            reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, _Once(client))
+        finally:
+            sock.close()  # the reactor has its own copy
+        self._client = client
+        metadata, query, connected_at = self._join_args
+        self._send(b"J" + orjson.dumps({
+            "callId": self.call_id, "sessionId": self.session_id, "metadata": metadata,
+            "query": query, "connectedAt": connected_at,
+        }))
+
+    def _send(self, msg: bytes) -> None:
+        client = self._client
+        if client is not None and client.transport is not None:
+            client.sendString(msg)
+
+    # -- the Call interface ------------------------------------------------
+
+    def media(self, conn, perspective: str, seq: int, payload: bytes, at: float | None = None):
+        if self._local is not None:
+            return self._local.media(conn, perspective, seq, payload, at)
+        if at is None:
+            at = self.registry.clock.seconds()
+        self._send(b"M" + _MEDIA.pack(_INDEX[perspective], seq, at) + payload)
+
+    def stop(self, conn, metadata, perspective) -> None:
+        if self._local is not None:
+            return self._local.stop(conn, metadata, perspective)
+        self._send(b"S" + orjson.dumps({"metadata": metadata, "perspective": perspective}))
+
+    def touch(self) -> None:
+        if self._local is not None:
+            return self._local.touch()
+        self._send(b"T")
+
+    def detach(self, conn) -> None:
+        if self._local is not None:
+            return self._local.detach(conn)
+        self._closing = True
+        if self._client is not None and self._client.transport is not None:
+            self._client.transport.loseConnection()
+
+    # -- from the relay ----------------------------------------------------
+
+    def _ended_by_owner(self, code: int, reason: str) -> None:
+        self._ended = True
+        self._closing = True
+        self.conn.end_call(code, reason)
+        if self._client is not None and self._client.transport is not None:
+            self._client.transport.loseConnection()
+
+    def _relay_lost(self) -> None:
+        self._client = None
+        if self._closing or self._local is not None:
+            return
+        # The owner went away without ending the call: record the rest here.
+        log.warn(
+            "call {call_id}/{session_id}: the process recording it is gone; this socket's "
+            "audio is recorded here from now on",
+            call_id=self.call_id, session_id=self.session_id,
+        )
+        metadata, query, connected_at = self._join_args
+        try:
+            self._local = self.registry.join(
+                self.conn, self.call_id, self.session_id, metadata, query, connected_at,
+                relayed=True,
+            )
+        except CallError as e:
+            self._ended = True
+            self.conn.end_call(e.code, e.reason)
