@@ -367,3 +367,60 @@ def test_socket_activation_records_a_call(tmp_path):
     # twistd re-raises SIGTERM after a clean shutdown; systemd counts that as success.
     assert status in (0, -signal.SIGTERM), log_path.read_text()
     assert "Server Shut Down." in log_path.read_text()
+
+
+# -- evrecorder@.service: several processes ---------------------------------------
+
+TEMPLATE = UNITS / "evrecorder@.service"
+
+
+def test_template_is_the_service_with_reuse_port():
+    """evrecorder@.service differs from evrecorder.service only where it must."""
+    plain, template = unit_settings(SERVICE), unit_settings(TEMPLATE)
+    assert set(plain) == set(template)
+    for section in plain:
+        differ = [kv for kv in template[section] if kv not in plain[section]]
+        missing = [kv for kv in plain[section] if kv not in template[section]]
+        if section == "Service":
+            differ = [(k, " ".join(v.split())) for k, v in differ]
+        if section == "Unit":
+            assert [k for k, _ in differ] == [k for k, _ in missing] == ["Description"]
+            assert "%i" in dict(differ)["Description"]
+        elif section == "Service":
+            assert [k for k, _ in missing] == ["ExecStart"]
+            words = dict(missing)["ExecStart"].split()
+            at = words.index("$EVRECORDER_OPTS")
+            assert differ == [
+                ("Environment", "EVRECORDER_INSTANCE_OPTS="),
+                ("ExecStart", " ".join(
+                    words[:at] + ["--reuse-port", "$EVRECORDER_OPTS", "$EVRECORDER_INSTANCE_OPTS"]
+                    + words[at + 1:])),
+            ]
+        else:
+            assert differ == missing == []
+
+
+def test_template_instance_verifies_and_parses(tmp_path, monkeypatch):
+    """An instance loads with no warning, and its command line is a valid twistd run."""
+    units = installed_units(tmp_path)
+    twistd = Path(sys.executable).with_name("twistd")
+    if not twistd.exists():
+        twistd = Path(shutil.which("twistd"))
+    (units / TEMPLATE.name).write_text(TEMPLATE.read_text().replace(SHIPPED_TWISTD, str(twistd)))
+    out = subprocess.run(
+        [tool("systemd-analyze"), "verify", "--man=no", "--generators=no",
+         str(units / "evrecorder@1.service")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env=dict(os.environ, SYSTEMD_LOG_COLOR="0", LANG="C.UTF-8"),
+    )
+    lines = (out.stdout + out.stderr).splitlines()
+    ours = [
+        line for line in lines
+        if "evrecorder" in line or str(tmp_path) in line
+        or not re.search(r"/lib/systemd/|/etc/systemd/|/run/systemd/", line)
+    ]
+    assert out.returncode == 0 and not ours, "\n".join(lines)
+    argv, _ = service_argv(tmp_path)
+    argv = argv[: argv.index("--secret-file") + 2] + ["--reuse-port"] + argv[argv.index("--secret-file") + 2:]
+    config = parse_twistd(argv[1:], monkeypatch, tmp_path)
+    assert config.subOptions["reuse-port"] == 1
