@@ -103,43 +103,64 @@ def proc_rss_kb(pid: int) -> int:
 
 
 class Server:
-    """The recorder under test, pinned to core 0, on a fresh spool and archive."""
+    """The recorder under test, pinned to core 0, on a fresh spool and archive.
 
-    def __init__(self, kind: str, workdir: str):
+    With ``workers`` > 1 (evrecorder only), that many recorder processes share
+    the port (``--reuse-port``) and the spool; worker i is pinned to
+    ``cores[i % len(cores)]``.  CPU time and RSS are then the sum over them.
+    """
+
+    def __init__(self, kind: str, workdir: str, workers: int = 1, cores: str = RECORDER_CORE):
         self.kind = kind
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}/"
         self.spool = os.path.join(workdir, "spool")
         self.archive = os.path.join(workdir, "archive")
         self.log_path = os.path.join(workdir, f"{kind}.log")
-        if kind == "evrecorder":
-            cmd = [
-                "taskset", "-c", RECORDER_CORE, sys.executable, "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "-n", "--pidfile=", "evrecorder",
-                "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-                "--spool", self.spool, "--archive", self.archive,
-            ]
-            env = dict(os.environ, PYTHONPATH=REPO, EVRECORDER_SECRET=SECRET)
-        else:
-            cmd = [
-                "taskset", "-c", RECORDER_CORE, sys.executable,
-                os.path.join(HERE, "baselines", "websockets_recorder.py"),
-                "--port", str(self.port), "--out", self.archive,
-            ]
-            env = dict(os.environ)
-        self.cmd = cmd
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=workdir)
-        self.pid = self.proc.pid  # taskset execs the command: same pid
+        core_list = cores.split(",")
+        if kind != "evrecorder" and workers != 1:
+            raise SystemExit("--workers applies to evrecorder only")
+        self.procs = []
+        self._logs = []
+        for i in range(workers):
+            core = core_list[i % len(core_list)]
+            if kind == "evrecorder":
+                cmd = [
+                    "taskset", "-c", core, sys.executable, "-c",
+                    "from twisted.scripts.twistd import run; run()",
+                    "-n", "--pidfile=", "evrecorder",
+                    "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+                    "--spool", self.spool, "--archive", self.archive,
+                ] + (["--reuse-port"] if workers > 1 else [])
+                env = dict(os.environ, PYTHONPATH=REPO, EVRECORDER_SECRET=SECRET)
+            else:
+                cmd = [
+                    "taskset", "-c", core, sys.executable,
+                    os.path.join(HERE, "baselines", "websockets_recorder.py"),
+                    "--port", str(self.port), "--out", self.archive,
+                ]
+                env = dict(os.environ)
+            log_path = self.log_path if i == 0 else self.log_path.replace(".log", f".{i}.log")
+            log = open(log_path, "wb")
+            self._logs.append(log)
+            self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                               cwd=workdir))
+            self.cmd = cmd
+            if i == 0:
+                self._wait_listening()  # the first one binds before the others join it
+        self.proc = self.procs[0]
+        self.pids = [p.pid for p in self.procs]  # taskset execs the command: same pid
+        self.pid = self.pids[0]
+        time.sleep(0.5 if workers > 1 else 0)
         self._wait_listening()
 
     def _wait_listening(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}; see {self.log_path}")
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.kind} exited with {proc.returncode}; see {self.log_path}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return
@@ -148,23 +169,29 @@ class Server:
         raise RuntimeError(f"{self.kind} did not listen within {timeout} s; see {self.log_path}")
 
     def cpu(self) -> float:
-        return proc_cpu(self.pid)
+        return sum(proc_cpu(pid) for pid in self.pids)
 
     def main_thread_cpu(self) -> float:
-        return proc_cpu(self.pid, self.pid)
+        return sum(proc_cpu(pid, pid) for pid in self.pids)
 
     def rss_kb(self) -> int:
-        return proc_rss_kb(self.pid)
+        return sum(proc_rss_kb(pid) for pid in self.pids)
+
+    def per_worker_cpu(self) -> list[float]:
+        return [proc_cpu(pid) for pid in self.pids]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
             try:
-                self.proc.wait(40)
+                proc.wait(40)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+                proc.kill()
+                proc.wait()
+        for log in self._logs:
+            log.close()
 
 
 def core_busy() -> dict[int, tuple[int, int]]:
@@ -352,7 +379,8 @@ def verify_baseline(load: dict, out_dir: str) -> list[str]:
 def run_once(kind: str, args, calls: int, flood: bool, seconds: float | None,
              profile_dir: str | None = None) -> dict:
     workdir = tempfile.mkdtemp(prefix=f"evrec-bench-{kind}-", dir=args.workdir)
-    server = Server(kind, workdir)
+    workers = args.workers if kind == "evrecorder" else 1
+    server = Server(kind, workdir, workers=workers, cores=args.recorder_cores)
     spy = None
     try:
         time.sleep(1.0)  # let it settle: imports done, store checked
@@ -365,7 +393,7 @@ def run_once(kind: str, args, calls: int, flood: bool, seconds: float | None,
             raise SystemExit(f"--seconds must be at least {ramp + 3:.0f} with a {ramp:.0f} s ramp")
         out = os.path.join(workdir, "load.json")
         start_at = time.monotonic() + 1.5 + calls / 2000  # time for the workers to encode
-        cmd = ["taskset", "-c", LOAD_CORE, sys.executable, os.path.join(HERE, "loadgen.py"),
+        cmd = ["taskset", "-c", args.load_cores, sys.executable, os.path.join(HERE, "loadgen.py"),
                server.url, "--calls", str(calls), "--procs", str(args.procs),
                "--run-id", run_id, "--start-at", repr(start_at), "--ramp", repr(ramp),
                "--out", out, "--quiet", "--close-timeout", str(args.close_timeout)]
@@ -380,6 +408,7 @@ def run_once(kind: str, args, calls: int, flood: bool, seconds: float | None,
                  "--rate", str(args.profile_rate), "--threads", "--format", "raw", "-o", raw],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu0, main0, t0 = server.cpu(), server.main_thread_cpu(), time.monotonic()
+        per0 = server.per_worker_cpu()
         gen = subprocess.run(cmd)
         if gen.returncode not in (0, 1) or not os.path.exists(out):
             raise RuntimeError(f"the load generator failed (exit {gen.returncode})")
@@ -392,6 +421,7 @@ def run_once(kind: str, args, calls: int, flood: bool, seconds: float | None,
             time.sleep(0.1)
         time.sleep(0.3)
         cpu1, main1, t1 = server.cpu(), server.main_thread_cpu(), time.monotonic()
+        per1 = server.per_worker_cpu()
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
@@ -419,7 +449,16 @@ def run_once(kind: str, args, calls: int, flood: bool, seconds: float | None,
         "max_client_buffer": load["max_client_buffer"],
         "generator": load["generator"], "verified_calls": len(load["calls"]) - len(problems),
         "problems": problems, "workdir": workdir, "evrecorder_source": source_digest(),
+        "workers": workers, "recorder_cores": args.recorder_cores, "load_cores": args.load_cores,
+        "worker_cpu_s": [b - a for a, b in zip(per0, per1)],
     }
+    if workers > 1:
+        relayed = 0
+        for i in range(workers):
+            path = server.log_path if i == 0 else server.log_path.replace(".log", f".{i}.log")
+            with open(path, errors="replace") as f:
+                relayed += f.read().count("is relayed to it")
+        result["relayed_sockets"] = relayed
     # Stop-to-archived: the final Stop written -> the sidecar seen in the archive.
     lat = []
     for c in load["calls"]:
@@ -520,6 +559,11 @@ def describe(r: dict) -> list[str]:
         lines.append(f"    {p}")
     lines.append(f"  recorder CPU: {r['cpu_s']:.2f} s total ({r['cpu_us_per_msg']:.1f} us/message), "
                  f"reactor thread {r['main_thread_cpu_s']:.2f} s ({r['main_thread_us_per_msg']:.1f} us/message)")
+    if r.get("workers", 1) > 1:
+        shares = ", ".join(f"{c:.2f} s" for c in r["worker_cpu_s"])
+        lines.append(f"  {r['workers']} recorder processes on cores {r['recorder_cores']} "
+                     f"(generator on {r['load_cores']}): CPU per process {shares}; "
+                     f"{r.get('relayed_sockets', 0)} sockets relayed to a sibling")
     if r["mode"] == "flood":
         lines.append(f"  throughput: {_f(r.get('msgs_per_s'), '{:.0f}')} messages/s over {_f(r.get('wall_s'))} s")
     else:
@@ -798,6 +842,13 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=None,
                    help="realtime: seconds per call (default 30; 15 per capacity step)")
     p.add_argument("--procs", type=int, default=2, help="load generator processes (default 2)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="evrecorder processes sharing the port with --reuse-port (default 1)")
+    p.add_argument("--recorder-cores", default=RECORDER_CORE,
+                   help="cores for the recorder processes, e.g. 0 or 0,1 (worker i gets the "
+                        "i-th, round robin; default 0)")
+    p.add_argument("--load-cores", default=LOAD_CORE,
+                   help="cores for the load generator, a taskset list (default 1)")
     p.add_argument("--ramp", type=float, default=None, help="seconds over which calls connect")
     p.add_argument("--repeat", type=int, default=1, help="run each measurement this many times")
     p.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=None,
