@@ -315,6 +315,7 @@ class CallRegistry:
         #: the call, or raises OSError.  None: this process is alone.
         self.owners = None
         self.relay = None
+        self.remote_calls: set = set()  # sockets relaying to a sibling right now
 
     def join(
         self,

@@ -58,7 +58,26 @@ class CallOwners:
         self.address = address or ""
 
     def prepare(self) -> None:
+        """Make the directory; clear claims and claim drafts whose process died."""
         os.makedirs(self.dir, exist_ok=True)
+        for name in os.listdir(self.dir):
+            path = os.path.join(self.dir, name)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its process is alive
+            else:
+                try:
+                    if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                        os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            finally:
+                os.close(fd)
 
     def path_of(self, call_id: str, session_id: str) -> str:
         digest = hashlib.sha256(f"{call_id}\0{session_id}".encode("utf-8", "surrogatepass"))
@@ -101,14 +120,18 @@ class CallOwners:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, self.address.encode("utf-8"))
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                os.close(fd)
-                return None
+            # FileNotFoundError: a starting sibling cleared the draft before it
+            # was locked (prepare()); the caller tries again.
+            os.link(tmp, path)
             return fd
+        except (FileExistsError, FileNotFoundError):
+            os.close(fd)
+            return None
         except BaseException:
             os.close(fd)
             raise
         finally:
-            os.unlink(tmp)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass

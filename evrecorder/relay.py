@@ -94,7 +94,7 @@ class RelayedConnection(Int32StringReceiver):
     def __init__(self, registry):
         self.registry = registry
         self.call = None
-        self.peer = "relay"
+        self._over = False  # the call is over for this socket: nothing more is taken
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -109,6 +109,8 @@ class RelayedConnection(Int32StringReceiver):
                     self._refuse(1011, "the recorder cannot write to its spool")
 
     def stringReceived(self, msg: bytes) -> None:
+        if self._over:
+            return  # what the relaying side sent before it heard the call was over
         kind = msg[:1]
         try:
             if kind == b"M":
@@ -148,6 +150,9 @@ class RelayedConnection(Int32StringReceiver):
     def end_call(self, code: int, reason: str) -> None:
         """The call is over for this socket (Connection interface)."""
         self.call = None
+        if self._over:
+            return
+        self._over = True
         if self.transport is not None and self.connected:
             self.sendString(b"E" + _END.pack(code) + reason.encode("utf-8"))
             self.transport.loseConnection()
@@ -248,6 +253,7 @@ class RemoteCall:
         finally:
             sock.close()  # the reactor has its own copy
         self._client = client
+        self.registry.remote_calls.add(self)
         metadata, query, connected_at = self._join_args
         self._send(b"J" + orjson.dumps({
             "callId": self.call_id, "sessionId": self.session_id, "metadata": metadata,
@@ -282,20 +288,25 @@ class RemoteCall:
         if self._local is not None:
             return self._local.detach(conn)
         self._closing = True
+        self.registry.remote_calls.discard(self)
         if self._client is not None and self._client.transport is not None:
             self._client.transport.loseConnection()
 
     # -- from the relay ----------------------------------------------------
 
     def _ended_by_owner(self, code: int, reason: str) -> None:
+        if self._ended:
+            return
         self._ended = True
         self._closing = True
+        self.registry.remote_calls.discard(self)
         self.conn.end_call(code, reason)
         if self._client is not None and self._client.transport is not None:
             self._client.transport.loseConnection()
 
     def _relay_lost(self) -> None:
         self._client = None
+        self.registry.remote_calls.discard(self)
         if self._closing or self._local is not None:
             return
         # The owner went away without ending the call: record the rest here.

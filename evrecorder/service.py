@@ -181,15 +181,19 @@ class RecorderService(service.MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         self.factory.draining = True
-        if self.registry.calls:
+        registry = self.registry
+        if registry.calls or registry.remote_calls:
             log.info(
                 "draining: {n} calls in progress get up to {timeout} s to finish",
-                n=len(self.registry.calls), timeout=self.settings.drain_timeout,
+                n=len(registry.calls) + len(registry.remote_calls),
+                timeout=self.settings.drain_timeout,
             )
             deadline = self._reactor.seconds() + self.settings.drain_timeout
-            while self.registry.calls and self._reactor.seconds() < deadline:
+            # Sockets relayed to a sibling wait for their call too: closing them
+            # early would end that perspective for the owner.
+            while (registry.calls or registry.remote_calls) and self._reactor.seconds() < deadline:
                 yield task.deferLater(self._reactor, 0.1, lambda: None)
-            self.registry.end_all("shutdown")
+            registry.end_all("shutdown")
         self.factory.close_all()
         # Children stop in reverse order: listeners, then the archiver, which
         # waits for the finalizations the ended calls started.

@@ -54,6 +54,21 @@ def test_a_dead_owners_claim_is_taken_over(tmp_path):
     assert not a.claim("c1", "1").owned
 
 
+def test_start_clears_dead_claims_only(tmp_path):
+    a, b = CallOwners(str(tmp_path), "/a.sock"), CallOwners(str(tmp_path), "/b.sock")
+    a.prepare()
+    live = a.claim("live", "1")
+    dead = a.claim("dead", "1")
+    os.close(dead._fd)
+    draft = os.path.join(a.dir, ".claim-leftover")
+    open(draft, "w").close()
+    b.prepare()
+    assert os.path.exists(a.path_of("live", "1"))
+    assert not os.path.exists(a.path_of("dead", "1")) and not os.path.exists(draft)
+    assert not b.claim("live", "1").owned
+    live.release()
+
+
 # -- spool locks ---------------------------------------------------------------
 
 def test_an_entry_is_held_by_one_process(tmp_path):
@@ -140,6 +155,30 @@ async def test_owner_refusal_closes_the_relayed_socket(recorder_factory):
     [sidecar] = await first.archived()
     assert sidecar["perspectives"][CALLER]["frames"] == 10
     assert_channels(sidecar, b"".join(agent), b"".join(caller))
+
+
+@pytest_twisted.ensureDeferred
+async def test_draining_process_keeps_relayed_sockets_until_their_call_ends(recorder_factory):
+    first = await recorder_factory(subdir="shared")
+    second = await recorder_factory(subdir="shared", drain_timeout=5.0)
+    agent, caller = frames(20, 84), frames(20, 85)
+    a, b = await split_call(first.port, second.port, "split-3", agent, caller)
+    await sleep(0.3)
+    draining = defer.maybeDeferred(second.service.stopService)
+    await sleep(0.3)
+    assert not b.closed.called  # not cut while its call goes on
+    for i in range(20, 25):
+        b.send(media(CALLER, i + 1, caller[i % 20]))
+    await sleep(0.2)
+    a.send(stop())
+    b.send(stop())
+    (code_a, _), (code_b, _) = await defer.gatherResults([a.closed, b.closed])
+    assert (code_a, code_b) == (1000, 1000)
+    await draining
+    [sidecar] = await first.archived()
+    assert sidecar["perspectives"][CALLER]["frames"] == 25
+    assert_channels(sidecar, b"".join(agent) + b"\xff" * 160 * 5,
+                    b"".join(caller) + b"".join(caller[:5]))
 
 
 # -- two twistd processes on one port -----------------------------------------
