@@ -4,7 +4,10 @@ Runs in a worker thread (it reads and writes whole files), on a call whose
 spool nobody appends to any more: one that ended, or one left by a crash.
 
 1. Each perspective's frames (arrival order) go through the reorder window
-   (:class:`~evrecorder.placement.Placer`) into a raw mu-law timeline.
+   (:class:`~evrecorder.placement.Placer`) into a raw mu-law timeline.  The
+   frames file is read in runs of contiguous ids
+   (:func:`~evrecorder.framefile.read_runs`), which the placer writes as
+   blocks; frames out of order go through it one at a time.
 2. The two timelines, each shifted by its perspective's start offset and
    padded at the end with silence, are interleaved into ``recording.wav``.
 3. ``sidecar.json`` (without ``archivedAt``, which the upload adds) is
@@ -20,7 +23,8 @@ import socket
 from datetime import datetime, timezone
 
 from evrecorder import __version__, keys, wav
-from evrecorder.placement import FRAME_BYTES, PerspectiveStats, Placer
+from evrecorder.framefile import read_runs
+from evrecorder.placement import FRAME_BYTES, SHORT_RUN, PerspectiveStats, Placer
 from evrecorder.settings import PERSPECTIVE_OF, PERSPECTIVES, ROLE_OF, Settings
 from evrecorder.spool import FRAMES_SUFFIX, SIDECAR_FILE, WAV_FILE, CallSpool, write_json_atomic
 
@@ -38,11 +42,23 @@ def rfc3339(ts: float | None) -> str | None:
 def _place(
     entry: CallSpool, perspective: str, window: int, mark: int | None
 ) -> tuple[str, PerspectiveStats]:
+    """The perspective's timeline into ``<Perspective>.placed``; its path and counters.
+
+    A scratch file, never fsynced: the frames file stays until the sidecar is
+    in place, so a crash before then just finalizes again.
+    """
     path = os.path.join(entry.path, perspective + PLACED_SUFFIX)
+    frames = os.path.join(entry.path, perspective + FRAMES_SUFFIX)
     with open(path, "wb") as out:
         placer = Placer(window, out.write, mark=mark)
-        for seq, payload in entry.read_frames(perspective):
-            placer.add(seq, payload)
+        add, add_run = placer.add, placer.add_run
+        for first, size, payloads in read_runs(frames):
+            if len(payloads) >= SHORT_RUN:
+                add_run(first, payloads, size)
+                continue
+            for payload in payloads:  # frames out of order, repeats: one at a time
+                add(first, payload)
+                first += 1
         stats = placer.finish()
     return path, stats
 

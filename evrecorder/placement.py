@@ -16,12 +16,18 @@ timeline, a sequence of mu-law bytes with no shift:
 The placer keeps at most ``window + 1`` payloads.  It is pure: the spool keeps
 frames in arrival order on disk and the finalizer runs the placer over them,
 so a crash never loses a frame that sat in the reorder window.
+
+Nearly every frame arrives right after the one before it.  :meth:`Placer.add_run`
+takes such a run of contiguous ids at once and writes it in one block, with
+no Python work per frame; its result (timeline and counters) is exactly that
+of :meth:`Placer.add` called for each frame of the run in turn.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from itertools import repeat
+from typing import Callable, Sequence
 
 from evrecorder.g711 import SILENCE_BYTE
 
@@ -68,6 +74,9 @@ def _seq_str(seq: int | None) -> str | None:
 
 _SILENCE_BLOCK = SILENCE_BYTE * (1 << 16)
 
+#: Runs shorter than this are cheaper frame by frame than as a block.
+SHORT_RUN = 8
+
 
 def _write_silence(write: Callable[[bytes], None], nbytes: int) -> None:
     """Silence in bounded blocks: a long gap never needs its size in memory."""
@@ -96,35 +105,149 @@ class Placer:
     def add(self, seq: int, payload: bytes) -> None:
         """Take the next frame in arrival order."""
         stats = self.stats
-        if seq in self._pending:
+        pending = self._pending
+        if seq in pending:
             stats.duplicates += 1
             return
-        if self._next is not None and seq < self._next:
+        nxt = self._next
+        if nxt is not None and seq < nxt:
             if seq in self._given_up:
                 self._given_up.discard(seq)
                 stats.late += 1
             else:
                 stats.duplicates += 1
             return
-        if self._max_seen is None or seq > self._max_seen:
-            self._max_seen = seq
+        top = self._max_seen
+        if top is None or seq > top:
+            self._max_seen = top = seq
         else:
             stats.reordered += 1
-        self._pending[seq] = payload
+        pending[seq] = payload
         self._frame_len = len(payload) or self._frame_len
-        if self._max_seen - self._start() > self._window:
-            self._advance(self._max_seen - self._window)
+        if nxt is None:
+            if top - min(pending) > self._window:
+                self._advance(top - self._window)
+            return
+        if top - nxt > self._window:
+            upto = top - self._window
+            if upto == nxt + 1 and nxt in pending and nxt != self._mark:
+                # The usual step, written here rather than by _advance: one
+                # slot, whose frame is held.  (_advance would end by trimming
+                # the memory of given-up slots, which only an advance that
+                # gives slots up can make too long.)
+                payload = pending.pop(nxt)
+                self._write(payload)
+                stats.frames += 1
+                stats.samples += len(payload)
+                stats.last_sequence_id = nxt
+                self._next = upto
+            else:
+                self._advance(upto)
+
+    def add_run(self, first: int, payloads: Sequence[bytes], size: int) -> None:
+        """Take frames ``first``, ``first + 1`` ... that arrived one after the other.
+
+        Every payload is ``size`` bytes long.  The same as ``add(first + i,
+        payloads[i])`` for each ``i`` in turn, in fewer Python steps: once
+        placement has started, a frame that continues the highest id seen so
+        far is never a duplicate, never reordered and never late, and moves the
+        window by exactly one slot (the slot ``window + 1`` below it), so the
+        run's frames can be written as a block.
+        """
+        count = len(payloads)
+        if size <= 0 or count < SHORT_RUN:
+            # Empty frames leave the frame length as it was; and a run too
+            # short to pay for the block's fixed cost: one at a time.
+            add = self.add
+            for i in range(count):
+                add(first + i, payloads[i])
+            return
+        i = 0
+        # One at a time until placement has started and the run continues the
+        # highest id seen (only a run's first frame can fail that test:
+        # repeats and reordered frames are rare and take the general path).
+        # The last test holds from the start on (see _continue_run) until
+        # finish(); it is checked, not assumed.
+        while i < count and (
+            self._next is None
+            or first + i != self._max_seen + 1
+            or self._next != self._max_seen - self._window
+        ):
+            self.add(first + i, payloads[i])
+            i += 1
+        if i < count:
+            self._continue_run(first + i, payloads, i, size)
+
+    def _continue_run(self, seq: int, payloads: Sequence[bytes], i: int, size: int) -> None:
+        """``add`` for ``payloads[i:]`` (ids from ``seq``), given that placement
+        has started and ``seq == max_seen + 1``.
+
+        Then ``next == max_seen - window`` (every advance after the start
+        stops ``window`` below the highest id seen) and each frame's ``add``
+        writes exactly one slot: the m-th frame of the run writes slot
+        ``next + m``.  The first ``window + 1`` such slots are the ones waiting
+        (a missing one becomes silence of the frame length just set, ``size``,
+        counted in ``missing`` and remembered for ``late``, as ``_advance``
+        does one slot at a time); the rest are frames of the run itself, which
+        are written straight from it.  The run's last ``window + 1`` frames
+        are left waiting.
+        """
+        stats = self.stats
+        pending = self._pending
+        mark = self._mark
+        window = self._window
+        start = self._next
+        count = len(payloads) - i  # frames to add = slots to write
+        parts: list[bytes] = []
+        # Slots start .. start + n_waiting - 1 come from the frames waiting.
+        n_waiting = min(count, window + 1)
+        waiting = list(map(pending.pop, range(start, start + n_waiting), repeat(None)))
+        if None not in waiting and not (mark is not None and start <= mark < start + n_waiting):
+            parts = waiting
+            nbytes = sum(map(len, waiting))
+            stats.frames += n_waiting
+            stats.samples += nbytes
+            stats.last_sequence_id = start + n_waiting - 1
+        else:
+            for slot, payload in zip(range(start, start + n_waiting), waiting):
+                if slot == mark:
+                    stats.mark_position = stats.samples
+                if payload is not None:
+                    parts.append(payload)
+                    stats.frames += 1
+                    stats.samples += len(payload)
+                    stats.last_sequence_id = slot
+                    continue
+                parts.append(SILENCE_BYTE * size)
+                stats.missing += 1
+                stats.samples += size
+                given_up = self._given_up
+                given_up.add(slot)
+                if len(given_up) > 8 * window:
+                    floor = slot + 1 - 4 * window
+                    self._given_up = {s for s in given_up if s >= floor}
+        # Slots after those: the run's own frames, straight through.
+        direct = count - n_waiting
+        if direct > 0:
+            if mark is not None and seq <= mark < seq + direct:
+                stats.mark_position = stats.samples + (mark - seq) * size
+            parts.extend(payloads[i : i + direct])
+            stats.frames += direct
+            stats.samples += direct * size
+            stats.last_sequence_id = seq + direct - 1
+        # The run's last frames wait for the window to move on.
+        keep = seq + direct
+        pending.update(zip(range(keep, keep + n_waiting), payloads[i + direct :]))
+        self._max_seen = seq + count - 1
+        self._next = start + count
+        self._frame_len = size
+        self._write(b"".join(parts))
 
     def finish(self) -> PerspectiveStats:
         """Write everything still waiting (filling holes); return the counters."""
         if self._max_seen is not None:
             self._advance(self._max_seen + 1)
         return self.stats
-
-    def _start(self) -> int:
-        if self._next is None:
-            return min(self._pending)
-        return self._next
 
     def _advance(self, upto: int) -> None:
         """Write every slot below ``upto``."""

@@ -70,6 +70,14 @@ class Channel:
 
     def read(self, n: int) -> bytes:
         """Exactly ``n`` bytes of the channel from where it stands."""
+        if not self._offset and self._remaining >= n and self._file is not None:
+            # The common case, inside the audio: one read, no joining.
+            data = self._file.read(n)
+            if len(data) == n:
+                self._remaining -= n
+                return data
+            self._remaining = 0  # shorter than announced: the rest is silence
+            return data + g711.SILENCE_BYTE * (n - len(data))
         parts = []
         if self._offset:
             k = min(n, self._offset)
@@ -103,7 +111,7 @@ def write_stereo(
     samples = max(left.end, right.end)
     written = 0
 
-    def emit(data: bytes) -> None:
+    def emit(data: bytes | bytearray) -> None:
         nonlocal written
         out.write(data)
         if update is not None:
@@ -124,6 +132,8 @@ def write_stereo(
             block = bytearray(4 * n)
             block[0::4], block[1::4] = g711.decode_low_high(a)
             block[2::4], block[3::4] = g711.decode_low_high(b)
-        emit(bytes(block))
+        # A fresh block each time, handed over as it is (no copy to bytes):
+        # nothing keeps it after this.
+        emit(block)
         done += n
     return written
