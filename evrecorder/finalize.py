@@ -85,8 +85,11 @@ def finalize(
             starts.setdefault(
                 ev["perspective"], (int(ev.get("offsetFrames", 0)), ev.get("firstSequenceId"))
             )
-            if first_media_at is None:
-                first_media_at = ev.get("at")
+            at = ev.get("at")
+            # The earliest read, not the first written: a frame relayed by a
+            # sibling process may be read first and handled second.
+            if at is not None and (first_media_at is None or at < first_media_at):
+                first_media_at = at
         elif kind == "stop" and ev.get("perspective") in PERSPECTIVES:
             stops.setdefault(ev["perspective"], ev.get("metadata"))
         elif kind == "end":

@@ -243,6 +243,27 @@ def test_late_perspective_offset_is_whole_frames(tmp_path):
     assert [e["offsetFrames"] for e in events if e["event"] == "media"] == [0, 24, 0, 0, 0, -3]
 
 
+def test_relayed_perspective_read_first_starts_the_recording(tmp_path):
+    """A perspective handled second but read 3 frames earlier (relayed by a
+    sibling) starts at sample 0, the other 480 samples later; firstMediaAt is its read."""
+    from evrecorder.finalize import rfc3339
+
+    clock, reg, ended, settings = make_registry(tmp_path)
+    conn = FakeConn()
+    call = reg.join(conn, "c1", "1", {}, {}, clock.seconds())
+    call.media(conn, AGENT, 1, b"\x01" * 160)
+    call.media(conn, CALLER, 1, b"\x02" * 160, at=clock.seconds() - 0.061)
+    call.stop(conn, None, AGENT)
+    call.stop(conn, None, CALLER)
+    sidecar = finalize(call.spool, settings)
+    offsets = {p: sidecar["perspectives"][p]["offsetSamples"] for p in (AGENT, CALLER)}
+    assert offsets == {AGENT: 480, CALLER: 0}
+    assert sidecar["timing"]["firstMediaAt"] == rfc3339(clock.seconds() - 0.061)
+    left, right = read_pcm16_wav(os.path.join(call.spool.path, "recording.wav"))
+    assert left == [0] * 480 + independent_decode(b"\x01" * 160)
+    assert right == independent_decode(b"\x02" * 160) + [0] * 480
+
+
 def test_stop_counting_and_grace(tmp_path):
     """Two perspectives need two Stops; a detached call ends after exactly the grace period."""
     clock, reg, ended, settings = make_registry(tmp_path, reconnect_grace=10.0)
