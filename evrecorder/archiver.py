@@ -34,6 +34,8 @@ log = Logger()
 
 #: Finalize attempts before an entry is set aside until the next start.
 MAX_FINALIZE_ATTEMPTS = 5
+#: How often the spool is scanned for entries nobody holds (a sibling died).
+RESCAN_SECONDS = 60.0
 
 
 def _load_item(entry: CallSpool, now: Callable[[], float]) -> tuple[dict, PublishItem]:
@@ -92,6 +94,7 @@ class Archiver(service.Service):
         self._idle_waiters: list[defer.Deferred] = []
         self.live_paths: Callable[[], set[str]] = set
         self._stopping = False
+        self._rescan = None
 
     # -- threads ---------------------------------------------------------
 
@@ -132,6 +135,18 @@ class Archiver(service.Service):
             ),
         ))
         self.recover()
+        self._rescan = self._reactor.callLater(RESCAN_SECONDS, self._rescan_spool)
+
+    def _rescan_spool(self) -> None:
+        """Recover again now and then: a sibling sharing the spool may have died
+        (or stopped) and left calls and uploads that nobody holds."""
+        self._rescan = None
+        try:
+            self.recover()
+        except Exception:
+            log.failure("scanning the spool failed")
+        if self.running and not self._stopping:
+            self._rescan = self._reactor.callLater(RESCAN_SECONDS, self._rescan_spool)
 
     def recover(self) -> None:
         """Queue finalized spool entries; finalize the ones a crash left.
@@ -140,9 +155,27 @@ class Archiver(service.Service):
         is recording, finalizing or publishing it) is left to it.
         """
         live = self.live_paths()
-        for entry in self.spool.entries():
-            if entry.path in live or not entry.lock():
+        try:
+            entries = self.spool.entries()
+        except OSError as e:
+            log.error("cannot read the spool {spool}: {reason}", spool=self.spool.root,
+                      reason=_sentence(e))
+            return
+        for entry in entries:
+            if entry.path in live:
                 continue
+            try:
+                if not entry.lock():
+                    continue
+            except OSError as e:
+                # EMFILE: every entry held costs a descriptor. The rest waits
+                # for the next scan.
+                log.error(
+                    "cannot take {entry} from the spool: {reason}; it is tried again in "
+                    "{seconds} s", entry=os.path.basename(entry.path), reason=_sentence(e),
+                    seconds=RESCAN_SECONDS,
+                )
+                return
             if entry.finalized:
                 log.info("queued {entry} from the spool", entry=os.path.basename(entry.path))
             elif entry.has_header:
@@ -157,6 +190,9 @@ class Archiver(service.Service):
 
     @defer.inlineCallbacks
     def stopService(self):
+        if self._rescan is not None and self._rescan.active():
+            self._rescan.cancel()
+        self._rescan = None
         for call in list(self._retries.values()):
             if call.active():
                 call.cancel()

@@ -348,17 +348,23 @@ class CallRegistry:
             try:
                 if len(self.calls) >= self.settings.max_calls:
                     raise CallError(1013, f"at capacity ({self.settings.max_calls} calls)")
-                entry = self.spool.new_call(call_id, session_id, connected_at)
-                entry.create(
-                    {
-                        "callId": call_id,
-                        "sessionId": session_id,
-                        "metadata": metadata,
-                        "query": query,
-                        "connectedAt": connected_at,
-                        "createdAt": self.clock.seconds(),
-                    }
-                )
+                header = {
+                    "callId": call_id,
+                    "sessionId": session_id,
+                    "metadata": metadata,
+                    "query": query,
+                    "connectedAt": connected_at,
+                    "createdAt": self.clock.seconds(),
+                }
+                for attempt in range(3):
+                    entry = self.spool.new_call(call_id, session_id, connected_at)
+                    try:
+                        entry.create(header)
+                        break
+                    except FileNotFoundError:
+                        # A sibling's start-up scan removed the half-made entry.
+                        if attempt == 2:
+                            raise
             except BaseException:
                 if claim is not None:
                     claim.release()
@@ -383,7 +389,10 @@ class CallRegistry:
                relayed):
         """A stand-in relaying to the sibling that owns the call, or None."""
         if relayed or not address or self.relay is None:
-            reason = "it came from a sibling" if relayed else "it has no relay"
+            reason = (
+                "it came from a sibling or its owner stopped answering" if relayed
+                else "it has no relay"
+            )
         else:
             try:
                 remote = self.relay(conn, address, call_id, session_id, metadata, query,

@@ -11,6 +11,7 @@ the next start).
 from __future__ import annotations
 
 import os
+import resource
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -31,6 +32,18 @@ from evrecorder.spool import Spool
 from evrecorder.stores import Store
 
 log = Logger()
+
+
+def _raise_file_limit() -> None:
+    """Every socket, and every recording waiting in the spool, holds a file
+    descriptor: take the hard limit, not the usual soft 1024."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 65536
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError) as e:
+        log.warn("cannot raise the open-file limit: {reason}", reason=e)
 
 
 class ListenError(Exception):
@@ -64,6 +77,7 @@ class _Relay(service.Service):
 
     def __init__(self, recorder: "RecorderService"):
         self.recorder = recorder
+        self.factory = relay.RelayServerFactory(recorder.registry)
         self.port = None
         self.path: str | None = None
 
@@ -80,18 +94,27 @@ class _Relay(service.Service):
                 "two recorder processes sharing this spool is recorded as two recordings",
                 spool=rec.spool.root,
             )
-        else:
-            endpoint = UNIXServerEndpoint(rec._reactor, self.path, mode=0o600)
-            endpoint.listen(relay.RelayServerFactory(rec.registry)).addCallback(
-                self._listening
-            )
         owners = CallOwners(rec.spool.root, self.path)
         owners.prepare()
+        if self.path is not None:
+            # A deep backlog: a burst of reconnects must not find it full.
+            endpoint = UNIXServerEndpoint(rec._reactor, self.path, backlog=1024, mode=0o600)
+            endpoint.listen(self.factory).addCallbacks(
+                self._listening, self._not_listening, errbackArgs=(owners,)
+            )
         rec.registry.owners = owners
         rec.registry.relay = rec._relay_to
 
     def _listening(self, port):
         self.port = port
+
+    def _not_listening(self, failure, owners):
+        owners.address = ""  # claims then say "no relay": siblings record on their own
+        log.error(
+            "cannot listen on the relay socket {path}: {reason}. A call that reaches two "
+            "recorder processes is recorded as two recordings.",
+            path=self.path, reason=failure.getErrorMessage(),
+        )
 
     def stopService(self):
         super().stopService()
@@ -118,7 +141,8 @@ class RecorderService(service.MultiService):
             self.spool, settings, reactor, self._call_ended, metrics=self.metrics
         )
         self.archiver.live_paths = lambda: {c.spool.path for c in self.registry.calls.values()}
-        _Relay(self).setServiceParent(self)
+        self._relay = _Relay(self)
+        self._relay.setServiceParent(self)
         self._listen_reactor = ReusePortReactor(reactor) if settings.reuse_port else reactor
         self.factory = RecorderFactory(self.registry, settings, reactor)
         self.metrics.gauges.update({
@@ -129,6 +153,7 @@ class RecorderService(service.MultiService):
             "evrecorder_draining": lambda: int(self.factory.draining),
         })
         self.listeners: list[StreamServerEndpointService] = []
+        self.call_listeners: list[StreamServerEndpointService] = []  # WebSocket ones
         for spec in listen:
             self.add_listener(spec)
         for spec in metrics_listen:
@@ -139,6 +164,8 @@ class RecorderService(service.MultiService):
         svc = _Listener(spec, endpoint, factory or self.factory)
         svc.setServiceParent(self)
         self.listeners.append(svc)
+        if factory is None:
+            self.call_listeners.append(svc)
         return svc
 
     def add_metrics_listener(self, spec: str) -> StreamServerEndpointService:
@@ -146,6 +173,10 @@ class RecorderService(service.MultiService):
         return self.add_listener(
             spec, Site(site_root(self.metrics, self.not_ready)), reactor=self._reactor
         )
+
+    def _relay_conns(self) -> list:
+        """The relay connections siblings have open to this process (tests, debugging)."""
+        return list(self._relay.factory.conns)
 
     def _relay_to(self, conn, address, call_id, session_id, metadata, query, connected_at):
         remote = relay.RemoteCall(
@@ -167,6 +198,7 @@ class RecorderService(service.MultiService):
         self.archiver.finalize(call.spool)
 
     def startService(self) -> None:
+        _raise_file_limit()
         if not self.settings.secrets:
             log.warn(
                 "no --secret is set: every stream is accepted. Set the streaming "
@@ -181,6 +213,13 @@ class RecorderService(service.MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         self.factory.draining = True
+        if self.settings.reuse_port:
+            # Siblings share the port: the kernel would keep giving this
+            # process its share of new calls, only to be told 503. Stop
+            # listening now; the calls here carry on.
+            for svc in self.call_listeners:
+                if svc.running:
+                    yield defer.maybeDeferred(svc.stopService)
         registry = self.registry
         if registry.calls or registry.remote_calls:
             log.info(

@@ -97,6 +97,8 @@ class CallSpool:
             fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         except (FileNotFoundError, NotADirectoryError):
             return False
+        # Other OSErrors (EMFILE: one descriptor per entry held) go to the
+        # caller, which leaves the entry for a later scan.
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -131,6 +133,10 @@ class CallSpool:
             fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY)
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._hold(fd)
+            if os.stat(hidden).st_ino != os.fstat(fd).st_ino:
+                # A starting sibling took it for a crash's leftover (between
+                # our mkdir and flock) and removed it.
+                raise FileNotFoundError(hidden)
             # Runs on the reactor thread: no fsync (the frames are not fsynced
             # either; the page cache carries them through a crash of the process).
             write_json_atomic(os.path.join(hidden, CALL_FILE), header, fsync=False)

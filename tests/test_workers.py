@@ -69,6 +69,18 @@ def test_start_clears_dead_claims_only(tmp_path):
     live.release()
 
 
+def test_stale_relay_sockets_of_dead_processes_are_cleared(tmp_path):
+    from evrecorder.relay import clear_stale
+
+    dead = tmp_path / "999999999-0123abcd.sock"
+    mine = tmp_path / f"{os.getpid()}-0123abcd.sock"
+    other = tmp_path / "notes.txt"
+    for f in (dead, mine, other):
+        f.write_text("")
+    clear_stale(str(tmp_path))
+    assert not dead.exists() and mine.exists() and other.exists()
+
+
 # -- spool locks ---------------------------------------------------------------
 
 def test_an_entry_is_held_by_one_process(tmp_path):
@@ -149,6 +161,7 @@ async def test_owner_refusal_closes_the_relayed_socket(recorder_factory):
     b.send(media(CALLER, 10**15, caller[0]))  # out of range: the owner refuses it
     code, reason = await b.closed
     assert code == 1007 and "out of range" in reason
+    assert second.service.metrics.closed[1007] == 1  # counted where the socket is
     a.send(stop())
     a.send(stop())  # the caller's, now that its socket is gone (as on one process)
     assert (await a.closed)[0] == 1000
@@ -179,6 +192,69 @@ async def test_draining_process_keeps_relayed_sockets_until_their_call_ends(reco
     assert sidecar["perspectives"][CALLER]["frames"] == 25
     assert_channels(sidecar, b"".join(agent) + b"\xff" * 160 * 5,
                     b"".join(caller) + b"".join(caller[:5]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_hung_owner_is_taken_over_without_losing_frames(recorder_factory, monkeypatch):
+    from evrecorder import relay
+
+    monkeypatch.setattr(relay, "MAX_UNACKED", 8)
+    first = await recorder_factory(subdir="shared")
+    second = await recorder_factory(subdir="shared")
+    agent, caller = frames(30, 86), frames(30, 87)
+    a, b = await split_call(first.port, second.port, "hung-1", agent[:5], caller[:5])
+    await sleep(0.3)
+    # The owner stops reading its relay connections (hung, not dead).
+    owned = [p for p in first.service._relay_conns()]
+    assert len(owned) == 1
+    owned[0].transport.stopReading()
+    for i in range(5, 30):
+        b.send(media(CALLER, i + 1, caller[i]))
+        await sleep(0.01)
+    await sleep(0.3)
+    assert second.service.registry.calls  # taken over: recorded there now
+    owned[0].transport.startReading()  # the owner wakes up and sees the relay gone
+    a.send_all([media(AGENT, i + 1, agent[i]) for i in range(5, 30)])
+    await sleep(0.3)
+    b.send(stop())
+    a.send(stop())
+    a.send(stop())  # the caller's, on the owner: its socket there is gone
+    assert (await a.closed)[0] == 1000 and (await b.closed)[0] == 1000
+    sidecars = await first.archived(2)
+    caller_frames = {}
+    for side in sidecars:
+        p = side["perspectives"][CALLER]
+        if p["frames"]:
+            _, right = read_pcm16_wav(side["_wav"])
+            first_seq = int(p["firstSequenceId"])
+            for k in range(p["frames"]):
+                at = p["offsetSamples"] + k * 160
+                caller_frames.setdefault(first_seq + k, right[at:at + 160])
+    assert sorted(caller_frames) == list(range(1, 31))
+    for seq, samples in caller_frames.items():
+        assert samples == independent_decode(caller[seq - 1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_draining_with_reuse_port_stops_taking_new_calls(recorder_factory):
+    first = await recorder_factory(subdir="shared", reuse_port=True, drain_timeout=10.0)
+    agent = frames(10, 88)
+    a = await connect(reactor(), first.port, query={"callId": "d-1", "sessionId": "1"})
+    a.send_all([connected(), start("d-1", 1), media(AGENT, 1, agent[0])])
+    await sleep(0.2)
+    assert first.service.registry.calls
+    second = await recorder_factory(subdir="shared", reuse_port=True,
+                                    listen=f"tcp:{first.port}:interface=127.0.0.1")
+    draining = defer.maybeDeferred(first.service.stopService)
+    await sleep(0.3)
+    for n in range(12):  # every new call lands on the sibling, none gets 503
+        c = await connect(reactor(), first.port, query={"callId": f"new-{n}", "sessionId": "1"})
+        c.close()
+    assert first.service.metrics.rejected["draining"] == 0
+    a.send_all([media(AGENT, i + 1, agent[i]) for i in range(1, 10)] + [stop()])
+    assert (await a.closed)[0] == 1000  # the call in progress finished where it was
+    await draining
+    assert second.service.running
 
 
 # -- two twistd processes on one port -----------------------------------------
@@ -271,6 +347,12 @@ async def test_owner_killed_mid_call_loses_no_audio(tmp_path):
 
         await until(lambda: frames_in_spool(AGENT) == 20 and frames_in_spool(CALLER) == 20,
                     what="the first half in the owner's spool")
+        # The owner stalls: what the caller sends now is relayed but never written...
+        proc_a.send_signal(signal.SIGSTOP)
+        for i in range(20, 30):
+            b.send(media(CALLER, i + 1, caller[i]))
+        await sleep(0.3)
+        # ... and then it dies.
         proc_a.send_signal(signal.SIGKILL)
         proc_a.wait(timeout=10)
         await sleep(0.3)
@@ -278,7 +360,8 @@ async def test_owner_killed_mid_call_loses_no_audio(tmp_path):
         a2 = await connect(reactor(), port_b, query={"callId": "kill-1", "sessionId": "1"})
         a2.send_all([connected(), start("kill-1", 1)])
         for i in range(20, 40):
-            b.send(media(CALLER, i + 1, caller[i]))
+            if i >= 30:
+                b.send(media(CALLER, i + 1, caller[i]))
             a2.send(media(AGENT, i + 1, agent[i]))
         await sleep(0.3)
         b.send(stop())
