@@ -5,6 +5,11 @@ JSON events and hands plain values to the :class:`~evrecorder.call.CallRegistry`
 Bad input is logged in a sentence and closes *this* socket with a close code;
 nothing else is affected.
 
+Frames: the overwhelmingly common one (a whole, final, masked text frame of
+one message, while the socket is open) is parsed here, straight from the
+bytes read (:meth:`RecorderProtocol._fast_read`); every other frame, and so
+every protocol error and its close code, is Autobahn's.
+
 Close codes:
 
 =====  ==========================================================
@@ -28,10 +33,12 @@ from binascii import a2b_base64
 from orjson import loads as _loads
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
 
 from evrecorder import fastmask
+from evrecorder.fastmask import unmask as _unmask
 from evrecorder.call import Call, CallError, CallRegistry
 from evrecorder.settings import PERSPECTIVES, Settings
 
@@ -40,6 +47,8 @@ _log = Logger()
 _PERSPECTIVE_SET = frozenset(PERSPECTIVES)
 _CALL_ID = ("callId", "callid", "call_id")
 _SESSION_ID = ("sessionId", "sessionid", "session_id")
+_OPEN = WebSocketProtocol.STATE_OPEN
+_NOT_UTF8 = object()
 _MULAW_TYPES = {"audio/x-mulaw", "audio/mulaw", "audio/basic", "audio/pcmu", "mulaw", "ulaw", "pcmu"}
 
 
@@ -92,6 +101,14 @@ def _check_text(metadata: dict, event: str) -> None:
         raise CallError(1007, f"{event} metadata is not valid Unicode") from None
 
 
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")  # strict: no overlongs, no surrogates
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _key_part(metadata: dict, query: dict, names: tuple[str, ...]) -> str | None:
     for source in (metadata, query):
         for name in names:
@@ -118,6 +135,8 @@ class RecorderProtocol(WebSocketServerProtocol):
         self._peer_name = "?"
         self._max_frame_bytes = 0  # set with the factory, at the handshake
         self._received_at = 0.0
+        self._fast = False  # set at onOpen: see _fast_read
+        self._fast_limit = 0
 
     # -- handshake -------------------------------------------------------
 
@@ -175,7 +194,10 @@ class RecorderProtocol(WebSocketServerProtocol):
         # read, even with debug off; this one goes straight to the framing.
         self._received_at = self.factory.clock.seconds()
         try:
-            self._dataReceived(data)
+            if self._fast and self.state == _OPEN:
+                self._fast_read(data)
+            else:
+                self._dataReceived(data)
         finally:
             call = self._call
             if call is not None:
@@ -188,6 +210,109 @@ class RecorderProtocol(WebSocketServerProtocol):
                     )
                     self.close_with(1011, "the recorder cannot write to its spool")
 
+    def _fast_path_applies(self) -> bool:
+        """Whether :meth:`_fast_read` may take this connection's frames.
+
+        Only for a plain RFC 6455 server connection with none of Autobahn's
+        per-frame extras switched on (compression, octet/frame logging, timing
+        tracking), whose state the fast path would otherwise have to keep.
+        """
+        limits = [n for n in (self.maxMessagePayloadSize, self.maxFramePayloadSize) if n > 0]
+        self._fast_limit = min(limits + [0xFFFF])
+        return bool(
+            self.factory.isServer
+            and self.websocket_version in (8, 13)
+            and self._perMessageCompress is None
+            and self.applyMask
+            and not self.logOctets
+            and not self.logFrames
+            and self.trackedTimings is None
+        )
+
+    def _fast_read(self, data: bytes) -> None:
+        """Autobahn's ``_dataReceived``, with the common frames taken here.
+
+        A frame is taken here only while the connection is open, Autobahn is
+        between frames and between messages, and the frame is whole in the
+        buffer, final, without RSV bits, a text frame, masked, with a
+        minimally encoded 7- or 16-bit length within ``maxFramePayloadSize``
+        and ``maxMessagePayloadSize``: exactly the frames Autobahn's
+        ``processData`` accepts without complaint and delivers as a one-frame
+        message.  Its payload goes to :meth:`_on_text`, as from Autobahn's
+        ``onMessage``; its first step (``orjson.loads``) refuses invalid
+        UTF-8 with 1007, as Autobahn's validator would.  Autobahn's traffic
+        counters and auto-ping bookkeeping are kept as its ``processData``
+        keeps them.
+
+        Everything else goes, in order, to Autobahn's own ``consumeData``:
+        from the first frame that is not like that (control, binary,
+        fragment, unmasked, RSV, too large, a 64-bit length, an incomplete
+        frame at the end of the read ...) to the end of the read, and all of
+        the read if Autobahn is inside a fragmented message; a frame Autobahn
+        began in an earlier read is finished by Autobahn, then this read goes
+        on here.  So every protocol check, close code and fail-fast is
+        Autobahn's.
+        """
+        stats = self.trafficStats
+        stats.incomingOctetsWireLevel += len(data)  # as _dataReceived
+        frame = self.current_frame
+        if frame is not None:
+            need = frame.length - self.current_frame_masker.pointer()
+            self.data += data[:need]
+            data = data[need:]
+            self.consumeData()
+            if not data:
+                return
+        if self.state != _OPEN or self.inside_message or self.current_frame is not None:
+            self.data += data
+            self.consumeData()
+            return
+        if self.data:
+            data = self.data + data  # the start of a frame Autobahn kept
+            self.data = b""
+        end = len(data)
+        pos = 0
+        frames = octets = 0  # added to Autobahn's counters once, below
+        limit = self._fast_limit
+        unmask = _unmask
+        on_text = self._on_text
+        while end - pos >= 6:  # the shortest masked frame
+            b1 = data[pos + 1]
+            if data[pos] != 0x81 or b1 < 0x80:  # FIN, no RSV, text; masked
+                break
+            n = b1 & 0x7F
+            if n < 126:
+                head = pos + 6
+            elif n == 126:
+                head = pos + 8
+                if head > end:
+                    break
+                n = (data[pos + 2] << 8) | data[pos + 3]
+                if n < 126:  # not minimal: Autobahn fails it (1002)
+                    break
+            else:  # a 64-bit length: beyond any limit we take here
+                break
+            stop = head + n
+            if stop > end or n > limit:
+                break
+            payload = unmask(data[head - 4:head], data[head:stop])
+            pos = stop
+            octets += n
+            frames += 1
+            if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                self._cancelAutoPingTimeoutCall()  # as Autobahn's onFrameEnd
+            if on_text(payload) is _NOT_UTF8:
+                frames -= 1  # Autobahn's validator refuses it before it is counted
+            if self.state != _OPEN:
+                break
+        stats.incomingOctetsWebSocketLevel += octets
+        stats.incomingOctetsAppLevel += octets
+        stats.incomingWebSocketFrames += frames
+        stats.incomingWebSocketMessages += frames
+        if pos < end:
+            self.data = data[pos:] if pos else data
+            self.consumeData()
+
     def onMessageEnd(self) -> None:
         # As Autobahn's, without firing a "message" event (a Deferred per
         # message) that nothing here listens to.
@@ -198,12 +323,23 @@ class RecorderProtocol(WebSocketServerProtocol):
     def onMessage(self, payload, isBinary):
         if self.state != self.STATE_OPEN:
             return  # we are closing: what is still in flight is not ours to take
+        if isBinary:
+            self._bad_input(1003, "binary frames are not part of the protocol")
+            return
+        self._on_text(payload)
+
+    def _on_text(self, payload: bytes) -> object:
+        """A whole text message, received while the connection is open.
+
+        Returns ``_NOT_UTF8`` if it was refused (1007) for not being UTF-8.
+        """
         try:
-            if isBinary:
-                raise CallError(1003, "binary frames are not part of the protocol")
             try:
-                msg = _loads(payload)
+                msg = _loads(payload)  # also refuses invalid UTF-8 (tests/test_frames.py)
             except (ValueError, RecursionError):
+                if not _is_utf8(payload):
+                    self._bad_input(1007, "the message is not valid UTF-8")
+                    return _NOT_UTF8
                 raise CallError(1007, "the message is not valid JSON") from None
             if type(msg) is not dict:
                 raise CallError(1007, "the message is not a JSON object")
@@ -348,6 +484,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         self.factory.connection_lost(self)
 
     def onOpen(self):
+        self._fast = self._fast_path_applies()
         self.factory.connection_made(self)
 
 
