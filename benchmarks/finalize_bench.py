@@ -2,9 +2,10 @@
 
 The Stop -> archived path without the network: a spool entry of a realistic
 call, written with the real :class:`~evrecorder.spool.CallSpool` writer (both
-perspectives' frames interleaved in arrival order, flushed a tick at a time as
-the front door does), is finalized with :func:`evrecorder.finalize.finalize`
-(placement, stereo WAV, sidecar: what the archiver runs in its worker thread),
+perspectives' frames interleaved in arrival order in the call's one
+``call.frames``, flushed a few ticks at a time), is finalized with
+:func:`evrecorder.finalize.finalize` (cutting ``call.frames`` per perspective,
+placement, stereo WAV, sidecar: what the archiver runs in its worker thread),
 then published to a :class:`~evrecorder.stores.LocalStore` the way the archiver
 does it (``_load_item``, ``store.publish``, ``entry.remove``).
 

@@ -18,6 +18,7 @@ A call ends, and goes to the archiver, when:
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Protocol
 
 from twisted.logger import Logger
@@ -83,8 +84,12 @@ class Call:
         self._stopped: dict[str, dict | None] = {}
         self._max_span = registry.settings.max_sequence_span
         self._last_media: dict[str, float] = {}
-        self._frames_metric = registry.metrics.frames
-        self._bytes_metric = registry.metrics.media_bytes
+        # Counted here, plain dicts (every key present): the metrics read
+        # them at scrape time and take them in when the call ends.
+        self._metrics = registry.metrics
+        self.frames_by_perspective = dict.fromkeys(PERSPECTIVES, 0)
+        self.bytes_by_perspective = dict.fromkeys(PERSPECTIVES, 0)
+        self._metrics.track(self.frames_by_perspective, self.bytes_by_perspective)
         self._last_activity = self.created_at
         self._detached_at: float | None = None
         self._timer = None
@@ -130,6 +135,9 @@ class Call:
         self._last_activity = now = self._clock.seconds() if at is None else at
         first = self._first_seq.get(perspective)
         if first is None:
+            if perspective not in self.frames_by_perspective:
+                # Front doors check this; one that did not gets no KeyError.
+                raise CallError(1007, f"unknown perspective {str(perspective)[:40]!r}")
             self._start_perspective(perspective, seq, now)
         elif not -self._max_span <= seq - first <= self._max_span:
             raise CallError(
@@ -143,8 +151,8 @@ class Call:
         self.spool.append_frame(perspective, seq, payload)
         self.frames_received += 1
         self._last_media[perspective] = now
-        self._frames_metric[perspective] += 1
-        self._bytes_metric[perspective] += len(payload)
+        self.frames_by_perspective[perspective] += 1
+        self.bytes_by_perspective[perspective] += len(payload)
 
     def _start_perspective(self, perspective: str, seq: int, now: float) -> None:
         if self.first_media_at is None:
@@ -424,11 +432,18 @@ class CallRegistry:
         return "*" * max(0, len(number) - 4) + number[-4:]
 
     def has_call(self, call_id: str | None, session_id: str | None) -> bool:
-        return any(k[0] == call_id and (session_id is None or k[1] == session_id) for k in self.calls)
+        """Whether a socket for this call needs no new call slot here: the call
+        is recorded here, or (both ids known) a sibling process has claimed it."""
+        if any(k[0] == call_id and (session_id is None or k[1] == session_id) for k in self.calls):
+            return True
+        if self.owners is not None and call_id is not None and session_id is not None:
+            return os.path.exists(self.owners.path_of(call_id, session_id))
+        return False
 
     def call_ended(self, call: Call) -> None:
         if self.calls.get(call.key) is call:
             del self.calls[call.key]
+        self.metrics.fold(call.frames_by_perspective, call.bytes_by_perspective)
         if call.claim is not None:
             call.claim.release()  # a socket for this key from now on is a new recording
         log.info(

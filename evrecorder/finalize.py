@@ -3,9 +3,14 @@
 Runs in a worker thread (it reads and writes whole files), on a call whose
 spool nobody appends to any more: one that ended, or one left by a crash.
 
-1. Each perspective's frames (arrival order) go through the reorder window
-   (:class:`~evrecorder.placement.Placer`) into a raw mu-law timeline.  The
-   frames file is read in runs of contiguous ids
+1. ``call.frames`` (both perspectives, arrival order) is cut into one
+   scratch file per perspective, ``<Perspective>.split``
+   (:func:`~evrecorder.framefile.split`), in the per-perspective format that
+   versions before ``call.frames`` wrote as ``<Perspective>.frames``.
+   Each perspective's frames (those of an older version's
+   ``<Perspective>.frames`` first, if any, then its ``.split`` file) go
+   through the reorder window (:class:`~evrecorder.placement.Placer`) into a
+   raw mu-law timeline.  The files are read in runs of contiguous ids
    (:func:`~evrecorder.framefile.read_runs`), which the placer writes as
    blocks; frames out of order go through it one at a time.
 2. The two timelines, each shifted by its perspective's start offset and
@@ -13,23 +18,36 @@ spool nobody appends to any more: one that ended, or one left by a crash.
 3. ``sidecar.json`` (without ``archivedAt``, which the upload adds) is
    written last, atomically: from then on the call is an upload-queue entry
    and the frame files are deleted.
+
+Scratch files are never fsynced: ``call.frames`` stays until the sidecar is
+in place, so a crash before then just finalizes again (they are rewritten).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import socket
 from datetime import datetime, timezone
 
 from evrecorder import __version__, keys, wav
-from evrecorder.framefile import read_runs
+from evrecorder.framefile import read_runs, split
 from evrecorder.placement import FRAME_BYTES, SHORT_RUN, PerspectiveStats, Placer
 from evrecorder.settings import PERSPECTIVE_OF, PERSPECTIVES, ROLE_OF, Settings
-from evrecorder.spool import FRAMES_SUFFIX, SIDECAR_FILE, WAV_FILE, CallSpool, write_json_atomic
+from evrecorder.spool import (
+    CALL_FRAMES_FILE,
+    FRAMES_SUFFIX,
+    SIDECAR_FILE,
+    WAV_FILE,
+    CallSpool,
+    write_json_atomic,
+)
 
 SCHEMA = "evrecorder/1"
 PLACED_SUFFIX = ".placed"
+SPLIT_SUFFIX = ".split"
+SCRATCH_SUFFIXES = (PLACED_SUFFIX, SPLIT_SUFFIX)
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -44,15 +62,17 @@ def _place(
 ) -> tuple[str, PerspectiveStats]:
     """The perspective's timeline into ``<Perspective>.placed``; its path and counters.
 
-    A scratch file, never fsynced: the frames file stays until the sidecar is
-    in place, so a crash before then just finalizes again.
+    The frames are those of ``<Perspective>.frames`` (an older version's),
+    then those of ``<Perspective>.split`` (cut from ``call.frames``), which
+    is removed once read.
     """
     path = os.path.join(entry.path, perspective + PLACED_SUFFIX)
-    frames = os.path.join(entry.path, perspective + FRAMES_SUFFIX)
+    old = os.path.join(entry.path, perspective + FRAMES_SUFFIX)
+    cut = os.path.join(entry.path, perspective + SPLIT_SUFFIX)
     with open(path, "wb") as out:
         placer = Placer(window, out.write, mark=mark)
         add, add_run = placer.add, placer.add_run
-        for first, size, payloads in read_runs(frames):
+        for first, size, payloads in itertools.chain(read_runs(old), read_runs(cut)):
             if len(payloads) >= SHORT_RUN:
                 add_run(first, payloads, size)
                 continue
@@ -60,7 +80,24 @@ def _place(
                 add(first, payload)
                 first += 1
         stats = placer.finish()
+    if os.path.exists(cut):
+        os.unlink(cut)
     return path, stats
+
+
+def _split(entry: CallSpool) -> None:
+    """``call.frames`` cut into ``<Perspective>.split`` files, if there is one."""
+    source = os.path.join(entry.path, CALL_FRAMES_FILE)
+    if not os.path.exists(source):
+        return  # an older version's entry, or a call without media
+    outputs = []
+    try:
+        for perspective in PERSPECTIVES:
+            outputs.append(open(os.path.join(entry.path, perspective + SPLIT_SUFFIX), "wb"))
+        split(source, outputs)
+    finally:
+        for out in outputs:
+            out.close()
 
 
 def finalize(
@@ -103,12 +140,18 @@ def finalize(
         ended_at = max(
             [ev.get("at", 0) for ev in events]
             + [header.get("createdAt", 0)]
-            + [os.path.getmtime(os.path.join(entry.path, n)) for n in os.listdir(entry.path)]
+            + [
+                os.path.getmtime(os.path.join(entry.path, n))
+                for n in os.listdir(entry.path)
+                # Not the scratch files of a finalize a crash interrupted.
+                if not n.endswith(SCRATCH_SUFFIXES)
+            ]
         )
 
     # The arrival offset belongs to the first frame to *arrive*; the timeline
     # starts at the lowest id of the first window, which may be earlier: the
     # placer marks where the first-arrived frame landed.
+    _split(entry)
     placed = {
         p: _place(entry, p, settings.reorder_window, starts.get(p, (0, None))[1])
         for p in PERSPECTIVES
@@ -182,6 +225,6 @@ def finalize(
     write_json_atomic(os.path.join(entry.path, SIDECAR_FILE), sidecar)
     # The WAV and sidecar now carry everything: drop the working files.
     for name in os.listdir(entry.path):
-        if name.endswith((FRAMES_SUFFIX, PLACED_SUFFIX)):
+        if name.endswith((FRAMES_SUFFIX, *SCRATCH_SUFFIXES)):  # call.frames too
             os.unlink(os.path.join(entry.path, name))
     return sidecar

@@ -1,6 +1,10 @@
-"""Reading a spooled ``<Perspective>.frames`` file in runs, for the finalizer.
+"""Reading spooled frames in runs, for the finalizer.
 
-The file holds records ``>QH`` (sequenceId, payload length) + payload, in
+:func:`split` cuts a call's ``call.frames`` (both perspectives, records
+``>BQH`` + payload) into one file per perspective in the per-perspective
+format; :func:`read_runs` reads such a file.
+
+A per-perspective file holds records ``>QH`` (sequenceId, payload length) + payload, in
 arrival order (:mod:`evrecorder.spool`).  :func:`read_runs` gives the same
 frames as :meth:`CallSpool.read_frames <evrecorder.spool.CallSpool.read_frames>`,
 in the same order, and likewise stops quietly at a truncated last record, but
@@ -20,9 +24,10 @@ from __future__ import annotations
 
 import struct
 from functools import lru_cache
+from itertools import compress
 from typing import Iterator
 
-from evrecorder.spool import RECORD
+from evrecorder.spool import CALL_RECORD, RECORD
 
 #: Records parsed by one struct call, along a stretch in order.
 CHUNK = 128
@@ -155,3 +160,122 @@ def read_runs(path: str, block: int = BLOCK) -> Iterator[tuple[int, int, list[by
                 eof = True
     if run:
         yield first, run_size, run
+
+
+
+#: Records of one size cut from ``call.frames`` by one struct call.
+SPLIT_CHUNK = 256
+#: Largest payload for which records are cut a chunk at a time (frames are
+#: 160 bytes, at most 480 accepted): a chunk stays well under a block.
+SPLIT_MAX_SIZE = 1024
+_PERSPECTIVE_AND_SIZE = struct.Struct(">B8xH")
+_CALL_HEAD = CALL_RECORD.size
+#: ``_SELECT[i]`` turns a string of perspective indexes into selectors
+#: (1 where the index is ``i``) for :func:`itertools.compress`.
+_SELECT = [bytes(int(b == i) for b in range(256)) for i in range(256)]
+
+
+class _SplitChunk:
+    """Cutting :data:`SPLIT_CHUNK` records whose payloads are ``size`` bytes."""
+
+    def __init__(self, size: int):
+        self.rec = _CALL_HEAD + size
+        self.span = SPLIT_CHUNK * self.rec
+        # Each record without its perspective byte: a RECORD record.
+        self.struct = struct.Struct(f"x{self.rec - 1}s" * SPLIT_CHUNK)
+        # The length fields of every record, high and low bytes.
+        self.high = bytes([size >> 8]) * SPLIT_CHUNK
+        self.low = bytes([size & 0xFF]) * SPLIT_CHUNK
+
+
+@lru_cache(maxsize=16)
+def _split_chunk(size: int) -> _SplitChunk:
+    return _SplitChunk(size)
+
+
+def split(path: str, outputs: list) -> int:
+    """Cut ``call.frames`` at ``path`` into per-perspective files: a frame of
+    perspective ``i`` goes to ``outputs[i]`` (a file open for writing, or None
+    to drop it) as a :data:`~evrecorder.spool.RECORD` record and its payload,
+    which is the ``call.frames`` record without its first byte.
+
+    One pass, in blocks, each file written a chunk at a time: memory stays
+    bounded however long the call.  Arrival order is kept within each perspective,
+    and a truncated last record is dropped, as is a record naming no known
+    perspective (only a damaged file has one).  Returns the number of records
+    read; a missing file has none.
+
+    Where :data:`SPLIT_CHUNK` records in a row have payloads of one size
+    (nearly all of a call), they are checked and cut with a few C calls: the
+    length fields, read with one strided slice each for the high and low
+    bytes, must all be that size (then every record starts where the chunk
+    assumes, one after the other); the perspective bytes, one more strided
+    slice, select each perspective's records (:func:`itertools.compress`).
+    Elsewhere records are cut one at a time, for a chunk's worth of records
+    before a chunk is tried again.
+    """
+    try:
+        f = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        return 0
+    n_out = len(outputs)
+    # Where each perspective's records go (nowhere for an unknown index).
+    sinks = [out.write if out is not None else _drop for out in outputs]
+    sinks += [_drop] * (256 - n_out)
+    select = _SELECT[:n_out]
+    head = _PERSPECTIVE_AND_SIZE.unpack_from
+    records = 0
+    singles = 0  # records to cut one at a time before a chunk is tried again
+    with f:
+        buf = b""
+        pos = 0
+        eof = False
+        while True:
+            end = len(buf)
+            while True:
+                avail = end - pos
+                if avail < _CALL_HEAD:
+                    break
+                index, size = head(buf, pos)
+                rec = _CALL_HEAD + size
+                if not singles and size <= SPLIT_MAX_SIZE:
+                    chunk = _split_chunk(size)
+                    stop = pos + chunk.span
+                    if stop <= end:
+                        if (
+                            buf[pos + 9 : stop : rec] == chunk.high
+                            and buf[pos + 10 : stop : rec] == chunk.low
+                        ):
+                            cut = chunk.struct.unpack_from(buf, pos)
+                            indexes = buf[pos:stop:rec]
+                            if indexes.count(indexes[0]) == SPLIT_CHUNK:  # one perspective
+                                sinks[index](b"".join(cut))
+                            else:
+                                for i in range(n_out):
+                                    sinks[i](b"".join(compress(cut, indexes.translate(select[i]))))
+                            pos = stop
+                            records += SPLIT_CHUNK
+                            continue
+                        singles = SPLIT_CHUNK
+                    elif not eof:
+                        break  # more data first, then a chunk
+                if avail < rec:
+                    break  # more data first (or, at the end, a torn last record)
+                sinks[index](buf[pos + 1 : pos + rec])
+                pos += rec
+                records += 1
+                if singles:
+                    singles -= 1
+            if eof:
+                break
+            more = f.read(BLOCK)
+            if more:
+                buf = buf[pos:] + more
+                pos = 0
+            else:
+                eof = True
+    return records
+
+
+def _drop(data: bytes) -> None:
+    pass

@@ -1,14 +1,20 @@
 """Metrics and health: ``/metrics`` (Prometheus text), ``/healthz``, ``/readyz``.
 
 Counting on the per-message path is plain integer arithmetic on
-:class:`Metrics`; a custom collector turns those integers into metric
-families when Prometheus scrapes.  Rare events (archives, failures, upload
+:class:`Metrics`, or, for media frames and bytes, on the call itself: each
+call in progress keeps its own counts (:meth:`Metrics.track`), which are
+added to the totals when it ends (:meth:`Metrics.fold`) and, while it runs,
+at every scrape.  A custom collector turns those integers into metric
+families when Prometheus scrapes.  The scrape runs in a thread of the
+reactor's pool: a lock makes "totals plus calls in progress" one snapshot,
+so the counters never step back while a call is being folded.  Rare events (archives, failures, upload
 latency) use prometheus_client's own Counter and Histogram.  Each recorder has
 its own ``CollectorRegistry``, so several in one process (tests) don't collide.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter as Tally
 from typing import Callable
 
@@ -25,8 +31,12 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Frames and bytes of calls that ended; :meth:`media_counts` adds
+        # those of calls in progress.
         self.frames: Tally = Tally()
         self.media_bytes: Tally = Tally()
+        self._live: dict[int, tuple[dict, dict]] = {}  # id -> (frames, bytes) by perspective
+        self._lock = threading.Lock()
         self.placement: Tally = Tally()  # (counter, perspective) -> n, from finalized calls
         self.rejected: Tally = Tally()  # handshake refusals by reason
         self.closed: Tally = Tally()  # sockets closed for bad input, by close code
@@ -52,6 +62,35 @@ class Metrics:
         )
         self.registry.register(_Collector(self))
 
+    def track(self, frames: dict, nbytes: dict) -> None:
+        """Count a call in progress: its frames and media bytes by perspective,
+        two dicts its owner keeps adding to."""
+        with self._lock:
+            self._live[id(frames)] = (frames, nbytes)
+
+    def fold(self, frames: dict, nbytes: dict) -> None:
+        """The call counted by :meth:`track` ended: its counts join the totals."""
+        with self._lock:
+            if self._live.pop(id(frames), None) is None:
+                return  # folded already (or never tracked)
+            for perspective, n in frames.items():
+                if n:
+                    self.frames[perspective] += n
+            for perspective, n in nbytes.items():
+                if n:
+                    self.media_bytes[perspective] += n
+
+    def media_counts(self) -> tuple[Tally, Tally]:
+        """Frames and media bytes by perspective: calls that ended and calls
+        in progress."""
+        with self._lock:
+            frames, nbytes = Tally(self.frames), Tally(self.media_bytes)
+            for live_frames, live_bytes in list(self._live.values()):
+                # Copies first: the reactor thread adds to these meanwhile.
+                frames.update(dict(live_frames))
+                nbytes.update(dict(live_bytes))
+        return +frames, +nbytes
+
     def call_finalized(self, sidecar: dict) -> None:
         for perspective, side in sidecar["perspectives"].items():
             for name in PLACEMENT_COUNTERS:
@@ -64,9 +103,10 @@ class _Collector:
 
     def collect(self):
         m = self._m
+        frames, media_bytes = m.media_counts()
         for name, doc, tally, label in (
-            ("evrecorder_frames", "Media frames received.", m.frames, "perspective"),
-            ("evrecorder_media_bytes", "Media bytes received (decoded).", m.media_bytes,
+            ("evrecorder_frames", "Media frames received.", frames, "perspective"),
+            ("evrecorder_media_bytes", "Media bytes received (decoded).", media_bytes,
              "perspective"),
             ("evrecorder_rejected_handshakes", "Handshakes refused.", m.rejected, "reason"),
             ("evrecorder_bad_input_closes", "Sockets closed for bad input.", m.closed, "code"),

@@ -5,14 +5,22 @@ Each call is a directory ``<spool>/calls/<name>/``:
 ``call.json``
     who the call is (callId, sessionId, Start metadata, handshake query),
     written atomically before any audio, so a directory without it holds none.
+``call.frames``
+    every accepted Media frame of both perspectives in *arrival* order: a
+    record is ``>BQH`` (the perspective's index in
+    :data:`~evrecorder.settings.PERSPECTIVES`, sequenceId, payload length)
+    and the payload.  Frames are collected in memory only until the front
+    door has handled what one read from its socket delivered, then written
+    with one ``write`` (:meth:`CallSpool.flush`): a crash of the process
+    loses nothing that was handled.  The reorder window is applied when the
+    call is finalized, so a crash loses nothing that sat in the window either.
 ``<Perspective>.frames``
-    every accepted Media frame in *arrival* order: a record is ``>QH``
-    (sequenceId, payload length) and the payload.  Frames are collected in
-    memory only until the front door has handled what one read from its
-    socket delivered, then written with one ``write`` per file
-    (:meth:`CallSpool.flush`): a crash of the process loses nothing that was
-    handled.  The reorder window is applied when the call is finalized, so
-    a crash loses nothing that sat in the window either.
+    the same in the format of versions before ``call.frames``, one file per
+    perspective, records ``>QH`` (sequenceId, payload length) and the
+    payload.  No longer written while a call runs, but still read: an entry
+    an older version left (a crash, then an upgrade) finalizes as before.
+    The finalizer also writes this format, as scratch files ``<Perspective>.split``
+    cut from ``call.frames`` (:mod:`evrecorder.framefile`).
 ``events.jsonl``
     one JSON object a line, appended: a perspective's first frame (with its
     offset), each Stop, the end of the call.
@@ -44,13 +52,22 @@ import struct
 import tempfile
 from typing import Iterator
 
+from evrecorder.settings import PERSPECTIVES
+
+#: A record of a per-perspective frames file (``<Perspective>.frames``).
 RECORD = struct.Struct(">QH")
+#: A record of ``call.frames``: the perspective's index, then as :data:`RECORD`.
+CALL_RECORD = struct.Struct(">BQH")
+PERSPECTIVE_INDEX = {p: i for i, p in enumerate(PERSPECTIVES)}
+_INDEX = PERSPECTIVE_INDEX
+_pack_call_record = CALL_RECORD.pack
 
 CALL_FILE = "call.json"
 EVENTS_FILE = "events.jsonl"
 WAV_FILE = "recording.wav"
 SIDECAR_FILE = "sidecar.json"
 FRAMES_SUFFIX = ".frames"
+CALL_FRAMES_FILE = "call" + FRAMES_SUFFIX
 DELETING_PREFIX = ".deleting-"
 NEW_PREFIX = ".new-"
 FLUSH_BYTES = 32 * 1024
@@ -82,8 +99,8 @@ class CallSpool:
     def __init__(self, path: str, held: set | None = None):
         self.path = path
         self._held = held  # the spool's set of entries this process holds
-        self._frame_fds: dict[str, int] = {}
-        self._pending: dict[str, bytearray] = {}
+        self._frames_fd: int | None = None
+        self._pending = bytearray()
         self._events_fd: int | None = None
         self._lock_fd: int | None = None
 
@@ -150,31 +167,30 @@ class CallSpool:
 
     def append_frame(self, perspective: str, seq: int, payload: bytes) -> None:
         """Collect a frame; :meth:`flush` writes it (or this, past 32 KiB)."""
-        buf = self._pending.get(perspective)
-        if buf is None:
-            buf = self._pending[perspective] = bytearray()
-        buf += RECORD.pack(seq, len(payload))
+        buf = self._pending
+        buf += _pack_call_record(_INDEX[perspective], seq, len(payload))
         buf += payload
         if len(buf) > FLUSH_BYTES:
             self.flush()
 
     def flush(self) -> None:
-        """Hand every collected frame to the kernel: from then on it survives
-        a crash of this process."""
-        for perspective, buf in self._pending.items():
-            if not buf:
-                continue
-            fd = self._frame_fds.get(perspective)
-            if fd is None:
-                fd = self._frame_fds[perspective] = os.open(
-                    os.path.join(self.path, perspective + FRAMES_SUFFIX),
-                    os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                    0o640,
-                )
-            while buf:
-                # What was written leaves the buffer at once: after an error,
-                # the buffer holds exactly what the file still lacks.
-                del buf[: os.write(fd, buf)]
+        """Hand every collected frame to the kernel, in one ``write``: from
+        then on it survives a crash of this process."""
+        buf = self._pending
+        if not buf:
+            return
+        fd = self._frames_fd
+        if fd is None:
+            fd = self._frames_fd = os.open(
+                os.path.join(self.path, CALL_FRAMES_FILE),
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                0o640,
+            )
+        while buf:
+            # What was written leaves the buffer at once: after an error,
+            # the buffer holds exactly what the file still lacks.  (A short
+            # write, rare on a local file, costs a second call.)
+            del buf[: os.write(fd, buf)]
 
     def append_event(self, event: dict) -> None:
         if self._events_fd is None:
@@ -188,9 +204,9 @@ class CallSpool:
 
     def close(self) -> None:
         self.flush()
-        for fd in self._frame_fds.values():
-            os.close(fd)
-        self._frame_fds.clear()
+        if self._frames_fd is not None:
+            os.close(self._frames_fd)
+            self._frames_fd = None
         if self._events_fd is not None:
             os.close(self._events_fd)
             self._events_fd = None
@@ -218,29 +234,18 @@ class CallSpool:
         return events
 
     def read_frames(self, perspective: str, chunk: int = 1 << 16) -> Iterator[tuple[int, bytes]]:
-        """Frames in arrival order; stops quietly at a truncated last record."""
-        path = os.path.join(self.path, perspective + FRAMES_SUFFIX)
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            return
-        with f:
-            buf = b""
-            while True:
-                block = f.read(chunk)
-                if not block:
-                    return
-                buf += block
-                pos = 0
-                end = len(buf)
-                while end - pos >= RECORD.size:
-                    seq, length = RECORD.unpack_from(buf, pos)
-                    stop = pos + RECORD.size + length
-                    if stop > end:
-                        break
-                    yield seq, buf[pos + RECORD.size : stop]
-                    pos = stop
-                buf = buf[pos:]
+        """A perspective's frames in arrival order; stops quietly at a truncated
+        last record.  (The finalizer reads faster: :mod:`evrecorder.framefile`.)
+
+        Frames an older version wrote to ``<Perspective>.frames`` come first,
+        then the perspective's frames in ``call.frames``.
+        """
+        yield from _read_records(
+            os.path.join(self.path, perspective + FRAMES_SUFFIX), RECORD, None, chunk
+        )
+        yield from _read_records(
+            os.path.join(self.path, CALL_FRAMES_FILE), CALL_RECORD, _INDEX[perspective], chunk
+        )
 
     @property
     def finalized(self) -> bool:
@@ -263,6 +268,35 @@ class CallSpool:
             return
         shutil.rmtree(doomed, ignore_errors=True)
         self.unlock()
+
+
+def _read_records(
+    path: str, record: struct.Struct, index: int | None, chunk: int
+) -> Iterator[tuple[int, bytes]]:
+    """``(seq, payload)`` of a frames file, of perspective ``index`` if given."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return
+    head = record.size
+    with f:
+        buf = b""
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return
+            buf += block
+            pos = 0
+            end = len(buf)
+            while end - pos >= head:
+                fields = record.unpack_from(buf, pos)
+                stop = pos + head + fields[-1]
+                if stop > end:
+                    break
+                if index is None or fields[0] == index:
+                    yield fields[-2], buf[pos + head : stop]
+                pos = stop
+            buf = buf[pos:]
 
 
 class Spool:

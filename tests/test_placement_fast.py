@@ -332,13 +332,9 @@ def test_late_memory_is_trimmed_as_frame_by_frame():
 def write_frames(tmp_path, name, frames, torn=b""):
     spool = CallSpool(str(tmp_path / name))
     os.makedirs(spool.path)
-    for seq, p in frames:
-        spool.append_frame("Participant", seq, p)
-    spool.close()
     path = os.path.join(spool.path, "Participant.frames")
-    if torn:
-        with open(path, "ab") as f:
-            f.write(torn)
+    with open(path, "wb") as f:  # the per-perspective format read_runs reads
+        f.write(b"".join(RECORD.pack(seq, len(p)) + p for seq, p in frames) + torn)
     return spool, path
 
 

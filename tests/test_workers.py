@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from conftest import independent_decode, read_pcm16_wav
-from test_process import free_port, listening, start_twistd, until
+from test_process import free_port, listening, spooled_frames, start_twistd, until
 from test_service import AGENT, CALLER, assert_channels, frames, reactor, sleep
 from wsclient import connect, connected, media, start, stop
 
@@ -257,6 +257,25 @@ async def test_draining_with_reuse_port_stops_taking_new_calls(recorder_factory)
     assert second.service.running
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_full_process_still_relays_a_siblings_call(recorder_factory):
+    first = await recorder_factory(subdir="shared")
+    second = await recorder_factory(subdir="shared", max_calls=1)
+    busy = await connect(reactor(), second.port, query={"callId": "own-1", "sessionId": "1"})
+    busy.send_all([connected(), start("own-1", 1)])
+    await sleep(0.2)
+    assert len(second.service.registry.calls) == 1  # full
+    agent, caller = frames(10, 89), frames(10, 90)
+    a, b = await split_call(first.port, second.port, "full-1", agent, caller)  # b: accepted
+    await sleep(0.3)
+    a.send(stop())
+    b.send(stop())
+    assert [(await a.closed)[0], (await b.closed)[0]] == [1000, 1000]
+    [sidecar] = await first.archived()
+    assert_channels(sidecar, b"".join(agent), b"".join(caller))
+    busy.close()
+
+
 # -- two twistd processes on one port -----------------------------------------
 
 @pytest_twisted.ensureDeferred
@@ -341,8 +360,8 @@ async def test_owner_killed_mid_call_loses_no_audio(tmp_path):
 
         def frames_in_spool(perspective):
             total = 0
-            for path in glob.glob(str(tmp_path / "spool" / "calls" / "*" / f"{perspective}.frames")):
-                total += os.path.getsize(path) // (10 + 160)
+            for entry in glob.glob(str(tmp_path / "spool" / "calls" / "*")):
+                total += spooled_frames(entry, perspective)
             return total
 
         await until(lambda: frames_in_spool(AGENT) == 20 and frames_in_spool(CALLER) == 20,
