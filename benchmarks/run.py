@@ -531,8 +531,10 @@ def step_ok(r: dict, args) -> tuple[bool, str]:
     if (r.get("ping_p99") or 0) > args.max_backlog:
         reasons.append(f"steady ping p99 {_ms(r['ping_p99'])} > {_ms(args.max_backlog)}")
     share = r.get("steady_cpu_share")
-    if share is not None and share > args.max_cpu:
-        reasons.append(f"recorder CPU {share:.0%} of its core")
+    workers = r.get("workers", 1)  # with several processes: per process, each its own core
+    if share is not None and share / workers > args.max_cpu:
+        reasons.append(f"recorder CPU {share / workers:.0%} of its core"
+                       + (f" (per process, {share:.0%} in all)" if workers > 1 else ""))
     if not r["generator"]["valid"]:
         reasons.append("INVALID: generator fell behind (" + "; ".join(r["generator"]["problems"]) + ")")
     return (not reasons), "; ".join(reasons) or "held"
