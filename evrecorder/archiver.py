@@ -161,8 +161,9 @@ class Archiver(service.Service):
             log.error("cannot read the spool {spool}: {reason}", spool=self.spool.root,
                       reason=_sentence(e))
             return
+        held = {e.path for e in list(self.spool.held)}  # ours: finalizing, queued, publishing
         for entry in entries:
-            if entry.path in live:
+            if entry.path in live or entry.path in held:
                 continue
             try:
                 if not entry.lock():

@@ -18,7 +18,6 @@ A call ends, and goes to the archiver, when:
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Protocol
 
 from twisted.logger import Logger
@@ -334,8 +333,12 @@ class CallRegistry:
         query: dict,
         connected_at: float,
         relayed: bool = False,
+        takeover: bool = False,
     ):
         """The call for this key, created if new; ``conn`` is attached to it.
+
+        ``takeover``: a socket already recording (relayed to a sibling that
+        died or hung) continues here: it needs no new call slot.
 
         When a sibling process sharing the spool records the call, the
         result is a stand-in that relays to it (:mod:`evrecorder.relay`);
@@ -354,7 +357,7 @@ class CallRegistry:
                         return remote
                     claim = None  # recorded here without a claim: the owner is unreachable
             try:
-                if len(self.calls) >= self.settings.max_calls:
+                if len(self.calls) >= self.settings.max_calls and not takeover:
                     raise CallError(1013, f"at capacity ({self.settings.max_calls} calls)")
                 header = {
                     "callId": call_id,
@@ -437,7 +440,7 @@ class CallRegistry:
         if any(k[0] == call_id and (session_id is None or k[1] == session_id) for k in self.calls):
             return True
         if self.owners is not None and call_id is not None and session_id is not None:
-            return os.path.exists(self.owners.path_of(call_id, session_id))
+            return self.owners.claimed(call_id, session_id)
         return False
 
     def call_ended(self, call: Call) -> None:

@@ -83,6 +83,20 @@ class CallOwners:
         digest = hashlib.sha256(f"{call_id}\0{session_id}".encode("utf-8", "surrogatepass"))
         return os.path.join(self.dir, digest.hexdigest()[:40])
 
+    def claimed(self, call_id: str, session_id: str) -> bool:
+        """Whether a live process holds a claim on the call (a dead one's does not count)."""
+        try:
+            fd = os.open(self.path_of(call_id, session_id), os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def claim(self, call_id: str, session_id: str) -> Claim:
         """Claim the call for this process, or say who has it."""
         path = self.path_of(call_id, session_id)

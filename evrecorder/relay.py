@@ -300,6 +300,8 @@ class RemoteCall:
         if client is None or client.transport is None:
             return
         self._unacked.append((kind, args))
+        if self._hung:
+            return  # being taken over: kept for the replay
         self._sent += 1
         client.sendString(msg)
         if len(self._unacked) > MAX_UNACKED:
@@ -386,7 +388,7 @@ class RemoteCall:
             # its own: on disk here rather than in memory for the owner.
             local = self.registry.join(
                 self.conn, self.call_id, self.session_id, metadata, query, connected_at,
-                relayed=self._hung,
+                relayed=self._hung, takeover=True,
             )
             self._local = local
             for kind, args in unacked:
@@ -395,8 +397,17 @@ class RemoteCall:
                 getattr(local, kind)(*((self.conn,) if kind != "touch" else ()), *args)
             local.spool.flush()
         except CallError as e:
-            self._local = None
+            local, self._local = self._local, None
             self._ended = True
+            if local is not None and not local.ended:
+                local.detach(self.conn)
+            self.registry.metrics.closed[e.code] += 1
+            log.warn(
+                "call {call_id}/{session_id}: taking the call over failed ({code}: {reason}); "
+                "{n} messages the dead owner never confirmed are lost",
+                call_id=self.call_id, session_id=self.session_id, code=e.code,
+                reason=e.reason, n=len(unacked),
+            )
             self.conn.end_call(e.code, e.reason)
         except Exception:
             log.failure(

@@ -203,13 +203,16 @@ class CallSpool:
         os.write(self._events_fd, line.encode("utf-8"))
 
     def close(self) -> None:
-        self.flush()
-        if self._frames_fd is not None:
-            os.close(self._frames_fd)
-            self._frames_fd = None
-        if self._events_fd is not None:
-            os.close(self._events_fd)
-            self._events_fd = None
+        try:
+            self.flush()
+        finally:
+            # Closed even when the last write failed (ENOSPC): never leaked.
+            if self._frames_fd is not None:
+                os.close(self._frames_fd)
+                self._frames_fd = None
+            if self._events_fd is not None:
+                os.close(self._events_fd)
+                self._events_fd = None
 
     # -- reading (finalize, recovery) ------------------------------------
 
@@ -258,6 +261,7 @@ class CallSpool:
     def remove(self) -> None:
         """Delete the entry: first renamed out of sight in one step, so a crash
         halfway through the deletion can never leave a half entry to recover."""
+        self._pending.clear()  # published: nothing more to write (and no disk-full error)
         self.close()
         parent, name = os.path.split(self.path)
         doomed = os.path.join(parent, DELETING_PREFIX + name)

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer
 
@@ -52,6 +53,16 @@ def test_a_dead_owners_claim_is_taken_over(tmp_path):
     with open(a.path_of("c1", "1")) as f:
         assert f.read() == "/b.sock"
     assert not a.claim("c1", "1").owned
+
+
+def test_only_a_live_claim_counts(tmp_path):
+    a, b = CallOwners(str(tmp_path), "/a.sock"), CallOwners(str(tmp_path), "/b.sock")
+    a.prepare()
+    live = a.claim("live", "1")
+    dead = a.claim("dead", "1")
+    os.close(dead._fd)
+    assert b.claimed("live", "1") and not b.claimed("dead", "1") and not b.claimed("none", "1")
+    live.release()
 
 
 def test_start_clears_dead_claims_only(tmp_path):
@@ -194,13 +205,20 @@ async def test_draining_process_keeps_relayed_sockets_until_their_call_ends(reco
                     b"".join(caller) + b"".join(caller[:5]))
 
 
+@pytest.mark.parametrize("full", [False, True])
 @pytest_twisted.ensureDeferred
-async def test_hung_owner_is_taken_over_without_losing_frames(recorder_factory, monkeypatch):
+async def test_hung_owner_is_taken_over_without_losing_frames(recorder_factory, monkeypatch, full):
+    """Also when the process taking over is at --max-calls: it continues a
+    call, it does not start one."""
     from evrecorder import relay
 
     monkeypatch.setattr(relay, "MAX_UNACKED", 8)
     first = await recorder_factory(subdir="shared")
-    second = await recorder_factory(subdir="shared")
+    second = await recorder_factory(subdir="shared", max_calls=1 if full else 2000)
+    if full:
+        busy = await connect(reactor(), second.port, query={"callId": "own", "sessionId": "1"})
+        busy.send_all([connected(), start("own", 1)])
+        await sleep(0.2)
     agent, caller = frames(30, 86), frames(30, 87)
     a, b = await split_call(first.port, second.port, "hung-1", agent[:5], caller[:5])
     await sleep(0.3)
@@ -223,6 +241,8 @@ async def test_hung_owner_is_taken_over_without_losing_frames(recorder_factory, 
     sidecars = await first.archived(2)
     caller_frames = {}
     for side in sidecars:
+        if side["callId"] != "hung-1":
+            continue
         p = side["perspectives"][CALLER]
         if p["frames"]:
             _, right = read_pcm16_wav(side["_wav"])
@@ -233,6 +253,8 @@ async def test_hung_owner_is_taken_over_without_losing_frames(recorder_factory, 
     assert sorted(caller_frames) == list(range(1, 31))
     for seq, samples in caller_frames.items():
         assert samples == independent_decode(caller[seq - 1])
+    if full:
+        busy.close()
 
 
 @pytest_twisted.ensureDeferred
