@@ -92,7 +92,6 @@ class Archiver(service.Service):
         self._uploading = 0
         self._in_flight: set[defer.Deferred] = set()
         self._idle_waiters: list[defer.Deferred] = []
-        self.live_paths: Callable[[], set[str]] = set
         self._stopping = False
         self._rescan = None
 
@@ -154,16 +153,16 @@ class Archiver(service.Service):
         An entry another process holds (a sibling recorder sharing the spool
         is recording, finalizing or publishing it) is left to it.
         """
-        live = self.live_paths()
         try:
             entries = self.spool.entries()
         except OSError as e:
             log.error("cannot read the spool {spool}: {reason}", spool=self.spool.root,
                       reason=_sentence(e))
             return
-        held = {e.path for e in list(self.spool.held)}  # ours: finalizing, queued, publishing
+        # Ours: recording, finalizing, queued or publishing.
+        held = {e.path for e in list(self.spool.held)}
         for entry in entries:
-            if entry.path in live or entry.path in held:
+            if entry.path in held:
                 continue
             try:
                 if not entry.lock():

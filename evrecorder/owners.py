@@ -50,6 +50,15 @@ class Claim:
         self._fd = None
 
 
+def _unlink_if_same(path: str, fd: int) -> None:
+    """Remove ``path`` if it is still the file open (and locked) as ``fd``."""
+    try:
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class CallOwners:
     """Claims on calls, in ``<spool>/owners``."""
 
@@ -71,11 +80,7 @@ class CallOwners:
             except BlockingIOError:
                 continue  # its process is alive
             else:
-                try:
-                    if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                        os.unlink(path)
-                except FileNotFoundError:
-                    pass
+                _unlink_if_same(path, fd)
             finally:
                 os.close(fd)
 
@@ -119,10 +124,7 @@ class CallOwners:
             # Not held: the owner died (or is releasing it).  Remove it, if it
             # is still the file at that path, and claim anew.
             try:
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
+                _unlink_if_same(path, fd)
             finally:
                 os.close(fd)
         # Siblings kept winning races on this one call: record it here anyway.

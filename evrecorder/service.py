@@ -140,7 +140,6 @@ class RecorderService(service.MultiService):
         self.registry = CallRegistry(
             self.spool, settings, reactor, self._call_ended, metrics=self.metrics
         )
-        self.archiver.live_paths = lambda: {c.spool.path for c in self.registry.calls.values()}
         self._relay = _Relay(self)
         self._relay.setServiceParent(self)
         self._listen_reactor = ReusePortReactor(reactor) if settings.reuse_port else reactor
