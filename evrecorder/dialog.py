@@ -42,9 +42,11 @@ Decisions where the contract is silent (also in README.rst):
 
 * A SegmentStop for a segment already stopped changes nothing (a repeat).
   SegmentInfo after a segment's SegmentStop is kept: it is about the segment.
-* The ``end`` event's time is when the dialog ended, as for WebSocket calls:
-  for "stop" and "disconnect" that is the grace after the last stream
-  closed; each stream's own end is its ``streamEnd`` event.
+* The ``end`` event's time (the sidecar's ``endedAt``) of a dialog that
+  ended after the grace ("stop", "disconnect") is when its last stream
+  closed: the grace is the recorder's wait, not part of the call.  (A
+  WebSocket call's "disconnect" is stamped at the end of its grace, as
+  before.)
 * Events for a stream that is no longer part of the recording (it ended, or
   the dialog did) are refused as "precondition".
 """
@@ -125,6 +127,7 @@ class Dialog(Recording):
         self._segments: list[_Segment] = []
         self._running = 0  # segments started and not stopped
         self._last_closed_normally = False
+        self._last_closed_at = connected_at
         self.streams_joined = 0
         # Counted here, plain ints by channel: the metrics read them at
         # scrape time and take them in when the dialog ends.
@@ -180,6 +183,7 @@ class Dialog(Recording):
         self._last_activity = now
         if not self._streams and not self.ended:
             self._last_closed_normally = not cancelled
+            self._last_closed_at = at
             self._detached_at = now
             self._schedule()
 
@@ -187,6 +191,13 @@ class Dialog(Recording):
         if self._last_closed_normally and not self._running:
             return "stop"
         return "disconnect"
+
+    def _end_time(self, reason: str) -> float:
+        # Ended after the grace: the dialog ended when its last stream did
+        # (the grace is the recorder's wait, not part of the call).
+        if self._detached_at is not None and reason in ("stop", "disconnect"):
+            return self._last_closed_at
+        return self._clock.seconds()
 
     def _deadline_passed(self, reason: str) -> None:
         if reason == "stop":
