@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
-from evrecorder.chunkfile import MAX_PAYLOAD, MAX_SEGMENTS, MAX_SEQ
+from evrecorder.chunkfile import CHUNK_RECORD, MAX_PAYLOAD, MAX_SEGMENTS, MAX_SEQ
 from evrecorder.errors import CallRejected
 from evrecorder.recording import Connection, Recording, spool_rejection
 from evrecorder.spool import CallSpool
@@ -70,6 +70,7 @@ log = Logger()
 #: First element of a dialog's key in :attr:`CallRegistry.calls`, which
 #: tells it from a WebSocket call's (callId, sessionId).
 DIALOG_KEY = "grpc"
+_pack_record = CHUNK_RECORD.pack
 CHANNELS = ("agent", "caller")
 
 
@@ -134,7 +135,7 @@ class Dialog(Recording):
         self.chunks_by_channel = dict.fromkeys(CHANNELS, 0)
         self.bytes_by_channel = dict.fromkeys(CHANNELS, 0)
         self._track(self.chunks_by_channel, self.bytes_by_channel)
-        self._append_chunk = spool.append_chunk
+        self._buffer = spool.buffer
         self._schedule()
 
     @property
@@ -324,7 +325,11 @@ class Dialog(Recording):
         if segment.stopped or size > MAX_PAYLOAD or not 0 <= seq <= MAX_SEQ:
             self._bad_media(conn, segment, seq, size)
         self._last_activity = at
-        self._append_chunk(segment.index, seq, at, duration_ms, payload)
+        # As CallSpool.append_chunk, without the call.
+        buf = self._buffer
+        buf += _pack_record(segment.index, seq, at,
+                            duration_ms if duration_ms < 0xFFFF else 0xFFFF, size)
+        buf += payload
         channel = segment.channel
         self.chunks_by_channel[channel] += 1
         self.bytes_by_channel[channel] += size

@@ -505,3 +505,43 @@ def test_a_dialog_on_a_full_spool_is_refused_and_nothing_is_kept(small_tmpfs):
     conn = FakeConn()
     assert refused("internal", join, reg, conn) == "the recorder's spool is full"
     assert entries(reg) == [] and reg.calls == {} and ended == []
+
+
+def test_append_chunk_collects_exactly_pack_chunk_records(tmp_path):
+    """CallSpool.append_chunk collects chunkfile.pack_chunk's bytes and writes them to call.chunks."""
+    clock, reg, _ = make_registry(tmp_path / "spool")
+    d = join(reg, FakeConn())
+    d.spool.append_chunk(3, 2**32 - 1, T0 + 0.25, 100, b"\x7f" * 160)
+    d.spool.append_chunk(0, 0, T0, 0x1FFFF, b"")
+    assert bytes(d.spool.buffer) == (pack_chunk(3, 2**32 - 1, T0 + 0.25, 100, b"\x7f" * 160)
+                                     + pack_chunk(0, 0, T0, 0x1FFFF, b""))
+    d.flush()
+    assert d.spool.pending == 0
+    assert chunks(d) == [(3, 2**32 - 1, T0 + 0.25, 100, b"\x7f" * 160), (0, 0, T0, 0xFFFF, b"")]
+
+
+# -- the WebSocket door's mapping ------------------------------------------------
+
+def test_a_relayed_join_at_capacity_is_refused_with_1013(tmp_path):
+    """The relay's owner side maps the core's "capacity" refusal to close code 1013, as before."""
+    import struct
+
+    import orjson
+    from twisted.internet.testing import StringTransport
+
+    from evrecorder.relay import RelayServerFactory
+
+    clock, reg, _ = make_registry(tmp_path / "spool", max_calls=1)
+    join(reg, FakeConn())  # a dialog takes the only slot
+    proto = RelayServerFactory(reg).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    msg = b"J" + orjson.dumps({"callId": "c1", "sessionId": "1", "metadata": {}, "query": {},
+                               "connectedAt": T0})
+    proto.dataReceived(struct.pack(">I", len(msg)) + msg)
+    out = transport.value()
+    (size,) = struct.unpack_from(">I", out)
+    reply = out[4:4 + size]
+    assert reply[:1] == b"E" and struct.unpack_from(">H", reply, 1) == (1013,)
+    assert reply[3:] == b"at capacity (1 calls)"
+    assert transport.disconnecting
