@@ -47,6 +47,9 @@ Decisions where the contract is silent (also in README.rst):
   closed: the grace is the recorder's wait, not part of the call.  (A
   WebSocket call's "disconnect" is stamped at the end of its grace, as
   before.)
+* At shutdown, a dialog whose streams had all closed (it was waiting the
+  grace) ends as it would have after the grace ("stop" or "disconnect"), not
+  "shutdown": nothing of it was cut.
 * Events for a stream that is no longer part of the recording (it ended, or
   the dialog did) are refused as "precondition".
 """
@@ -192,6 +195,13 @@ class Dialog(Recording):
         if self._last_closed_normally and not self._running:
             return "stop"
         return "disconnect"
+
+    def end(self, reason: str) -> None:
+        if reason == "shutdown" and not self._streams and self._detached_at is not None:
+            # Every stream had closed: the dialog is over but for a reconnect,
+            # which a recorder shutting down refuses anyway.
+            reason = self._grace_reason()
+        super().end(reason)
 
     def _end_time(self, reason: str) -> float:
         # Ended after the grace: the dialog ended when its last stream did

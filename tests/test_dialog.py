@@ -388,6 +388,25 @@ def test_end_all_shuts_dialogs_and_calls_down(tmp_path):
                              "at": clock.seconds()}
 
 
+def test_shutdown_during_the_grace_keeps_a_finished_dialog_complete(tmp_path):
+    """A dialog waiting the grace after a complete stream ends "stop" at shutdown; a cancelled one "disconnect"."""
+    clock, reg, ended = make_registry(tmp_path / "spool", reconnect_grace=10.0)
+    good, bad = FakeConn(), FakeConn()
+    done = join(reg, good, "d1")
+    done.segment_start(good, "a", AGENT, None, None, T0)
+    done.segment_stop(good, "a", T0)
+    done.stream_closed(good, cancelled=False, at=T0 + 1)
+    cut = join(reg, bad, "d2")
+    cut.segment_start(bad, "a", AGENT, None, None, T0)
+    cut.stream_closed(bad, cancelled=True, at=T0 + 2)
+    clock.advance(3)
+    reg.end_all("shutdown")
+    assert (done.end_reason, done.complete, cut.end_reason) == ("stop", True, "disconnect")
+    assert events(done)[-1] == {"event": "end", "reason": "stop", "complete": True, "at": T0 + 1}
+    assert events(cut)[-1] == {"event": "end", "reason": "disconnect", "complete": False,
+                               "at": T0 + 2}
+
+
 # -- capacity and keys -----------------------------------------------------------
 
 def test_capacity_counts_calls_and_dialogs_and_keeps_nothing(tmp_path):
