@@ -472,6 +472,41 @@ def test_a_flush_to_a_descriptor_gone_bad_is_internal_and_keeps_the_rest(tmp_pat
     assert [c[1] for c in chunks(d)] == [0, 1]
 
 
+def test_a_stream_whose_start_cannot_be_written_does_not_join(tmp_path):
+    """If a joining stream's event cannot be written, it is refused ("internal") and not attached."""
+    clock, reg, _ = make_registry(tmp_path / "spool")
+    first, second = FakeConn(), FakeConn()
+    d = join(reg, first)
+    os.close(d.spool._events_fd)  # the descriptor is closed underneath
+    try:
+        assert "cannot write" in refused("internal", join, reg, second, "d1", "s2")
+    finally:
+        d.spool._events_fd = None
+    refused("precondition", d.segment_start, second, "x", CONTACT, None, None, T0)
+    assert join(reg, second, session_id="s2") is d  # the door may try again: stream 1
+    assert [e["stream"] for e in events(d) if e["event"] == "stream"] == [0, 1]
+
+
+def test_a_new_dialog_whose_first_event_fails_leaves_nothing(tmp_path, monkeypatch):
+    """A new dialog whose first event cannot be written is refused and its entry removed."""
+    import errno
+
+    from evrecorder.spool import CallSpool
+
+    clock, reg, ended = make_registry(tmp_path / "spool")
+
+    def full(self, event):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CallSpool, "append_event", full)
+    assert refused("internal", join, reg, FakeConn()) == "the recorder's spool is full"
+    monkeypatch.undo()
+    assert entries(reg) == [] and reg.calls == {} and ended == []
+    assert reg.metrics._live == {}
+    clock.advance(reg.settings.max_call_duration)  # its timer is gone too
+    assert ended == []
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 256 KiB tmpfs, so the spool really fills up (ENOSPC)."""
