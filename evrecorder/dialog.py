@@ -29,7 +29,7 @@ A dialog ends, and goes to the archiver, when
   new stream, "stop", complete;
 * every stream has closed otherwise: after ``reconnect_grace`` without a new
   stream, "disconnect", incomplete;
-* no event came for ``idle_timeout``: "timeout";
+* no event came for ``idle_timeout`` while a stream is open: "timeout";
 * it has run for ``max_call_duration``: "max-duration";
 * the recorder shuts down: "shutdown".
 
@@ -190,6 +190,18 @@ class Dialog(Recording):
             self._last_closed_at = at
             self._detached_at = now
             self._schedule()
+
+    def _deadline(self) -> tuple[float, str]:
+        if self._detached_at is None:
+            return super()._deadline()
+        # Every stream closed: the grace decides, not the idle timeout (a
+        # dialog that ended well must not become "timeout" when
+        # --idle-timeout is set shorter than --reconnect-grace).
+        s = self._settings
+        return min(
+            (self._detached_at + s.reconnect_grace, self._grace_reason()),
+            (self.created_at + s.max_call_duration, "max-duration"),
+        )
 
     def _grace_reason(self) -> str:
         if self._last_closed_normally and not self._running:

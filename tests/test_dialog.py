@@ -361,6 +361,20 @@ def test_idle_timeout_ends_the_dialog_and_its_open_streams(tmp_path):
     refused("precondition", d.segment_media, a, "x", 2, 100, b"\x01", now)
 
 
+def test_the_grace_not_the_idle_timeout_ends_a_dialog_without_streams(tmp_path):
+    """With idle_timeout shorter than the grace, a dialog whose streams closed still waits the grace."""
+    clock, reg, ended = make_registry(tmp_path / "spool", idle_timeout=2.0, reconnect_grace=5.0)
+    conn = FakeConn()
+    d = join(reg, conn)
+    d.segment_start(conn, "a", AGENT, None, None, T0)
+    d.segment_stop(conn, "a", T0)
+    d.stream_closed(conn, cancelled=False, at=T0)
+    clock.advance(4.9)
+    assert not d.ended
+    clock.advance(0.1)
+    assert d.end_reason == "stop" and d.complete
+
+
 def test_max_duration_cuts_the_dialog(tmp_path):
     """A dialog that keeps streaming is cut at max_call_duration ("max-duration")."""
     clock, reg, ended = make_registry(tmp_path / "spool", max_call_duration=60.0)
