@@ -248,6 +248,10 @@ class Result:
     retention: dict = field(default_factory=dict)
     """Per object (``wav``, ``sidecar``): Object Lock mode, retainUntil, legalHold."""
     wav_bytes: int = 0
+    stored_checksum: str | None = None
+    """How S3's stored checksum was compared: ``whole`` (a single PUT), ``parts``
+    (a multipart upload with the recorder's part size), ``other parts`` (another
+    layout: S3 checked each part on upload), or None (none stored)."""
 
     def fail(self, problem: str) -> None:
         self.status = "failed"
@@ -257,6 +261,7 @@ class Result:
         return {
             "key": self.key, "status": self.status, "kind": self.kind,
             "problems": self.problems, **self.summary, "retention": self.retention,
+            "storedChecksum": self.stored_checksum,
         }
 
 
@@ -412,9 +417,13 @@ def _check_wav(archive, pair: Pair, audio: dict, result: Result, compare: bool) 
     if checksum:
         value = checksum.partition("-")[0]
         if not parts and head.get("ChecksumType") != "COMPOSITE":
+            result.stored_checksum = "whole"
             if value != _b64(bytes.fromhex(digest)):
                 result.fail("S3's stored SHA-256 checksum differs from the WAV's content")
-        elif part_size and part_digests:
+        elif not (part_size and part_digests):
+            result.stored_checksum = "other parts"
+        else:
+            result.stored_checksum = "parts"
             composite = _b64(hashlib.sha256(b"".join(part_digests)).digest())
             if value != composite:
                 result.fail("S3's stored SHA-256 checksum (of the parts) differs from the WAV's content")

@@ -336,3 +336,23 @@ def test_progress_bar_draws_on_a_terminal():
     lines = out.getvalue().split("\r")
     assert "[###############               ]  50%  1/2 recordings" in lines[1]
     assert "100%  2/2 recordings, 1.0 KB of 1.0 KB" in lines[2]
+
+
+def test_run_bounded_takes_few_items_ahead_and_keeps_order():
+    """At most 2 x workers items are taken before their results are handed on, in item order."""
+    import threading
+
+    taken = []
+    handed = []
+    lock = threading.Lock()
+
+    def items():
+        for n in range(50):
+            with lock:
+                taken.append(n)
+                assert len(taken) - len(handed) <= 2 * 3 + 1
+            yield n
+
+    for result in audit.run_bounded(items(), lambda n: n * n, workers=3):
+        handed.append(result)
+    assert handed == [n * n for n in range(50)]
