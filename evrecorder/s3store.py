@@ -428,8 +428,7 @@ class S3Store:
         if config.get("ObjectLockEnabled") != "Enabled":
             raise StoreError(
                 f"the bucket '{self.bucket}' does not have Object Lock enabled, which "
-                "--object-lock-mode and --legal-hold need; S3 turns it on only for a new "
-                "bucket (or through AWS support): see 'Compliance' in the README"
+                "--object-lock-mode and --legal-hold need (see 'Compliance' in the README)"
             )
         rule = (config.get("Rule") or {}).get("DefaultRetention") or {}
         if rule.get("Mode"):

@@ -207,8 +207,7 @@ def test_check_on_a_bucket_without_object_lock_says_so(tmp_path, s3_client, buck
         store.check()
     assert str(refused.value) == (
         f"the bucket '{bucket}' does not have Object Lock enabled, which --object-lock-mode "
-        "and --legal-hold need; S3 turns it on only for a new bucket (or through AWS support): "
-        "see 'Compliance' in the README")
+        "and --legal-hold need (see 'Compliance' in the README)")
     with pytest.raises(StoreError, match="does not have Object Lock enabled"):
         store.publish(recording(tmp_path).item)
     assert "Contents" not in s3_client.list_objects_v2(Bucket=bucket)
