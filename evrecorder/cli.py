@@ -133,8 +133,9 @@ def _open(args) -> Any:
 
     options = {}
     if args.archive.startswith("s3:"):
+        # max_concurrency sizes the client's connection pool (4 a worker).
         options = {"endpoint_url": args.s3_endpoint_url, "region": args.s3_region,
-                   "max_concurrency": 1}
+                   "max_concurrency": args.workers}
     try:
         archive = audit.open_archive(args.archive, **options)
     except ValueError as e:

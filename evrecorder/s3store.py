@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass

@@ -356,3 +356,35 @@ def test_run_bounded_takes_few_items_ahead_and_keeps_order():
     for result in audit.run_bounded(items(), lambda n: n * n, workers=3):
         handed.append(result)
     assert handed == [n * n for n in range(50)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_progress_bar_on_a_terminal_only(recorder_factory):
+    """With stderr on a terminal (a pty) verify draws its bar there; stdout keeps the report."""
+    import pty
+
+    rec, _ = await make_archive(recorder_factory, calls=("a",))
+    master, slave = pty.openpty()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "evrecorder.cli", "verify", rec.archive],
+            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, stderr=slave,
+            text=True, timeout=120)
+        os.close(slave)
+        slave = None
+        drawn = b""
+        while True:
+            try:
+                block = os.read(master, 4096)
+            except OSError:  # EIO: the writer is gone
+                break
+            if not block:
+                break
+            drawn += block
+    finally:
+        if slave is not None:
+            os.close(slave)
+        os.close(master)
+    assert out.returncode == 0 and "OK: every recording verifies." in out.stdout
+    assert b"100%  2/2 recordings" in drawn
+    assert b"[##############################]" in drawn
