@@ -37,7 +37,6 @@ import json
 import os
 import re
 import struct
-import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -560,7 +559,6 @@ class Summary:
     retention_modes: dict = field(default_factory=dict)
     legal_holds: int = 0
     earliest_retain_until: str | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, r: Result) -> None:
         self.recordings += 1
