@@ -39,10 +39,11 @@ EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 def _add_archive(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("archive", metavar="ARCHIVE",
                         help="s3://bucket/prefix, file:///dir or a directory")
-    parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint; AWS when unset")
-    parser.add_argument("--s3-region", help="S3 region")
+    parser.add_argument("--s3-endpoint-url", metavar="URL",
+                        help="S3-compatible endpoint; AWS when unset")
+    parser.add_argument("--s3-region", metavar="REGION", help="S3 region")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--workers", type=_positive_int, default=4,
+    parser.add_argument("--workers", type=_positive_int, default=4, metavar="N",
                         help="objects read at once (default 4)")
 
 

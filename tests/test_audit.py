@@ -388,3 +388,65 @@ async def test_progress_bar_on_a_terminal_only(recorder_factory):
     assert out.returncode == 0 and "OK: every recording verifies." in out.stdout
     assert b"100%  2/2 recordings" in drawn
     assert b"[##############################]" in drawn
+
+
+class MemoryArchive:
+    """An archive in a dict, answering like S3 (head fields given per object)."""
+
+    def __init__(self, objects: dict[str, bytes], heads: dict[str, dict]):
+        self.objects, self.heads = objects, heads
+
+    def list(self):
+        for name in sorted(self.objects):
+            yield audit.ObjectInfo(name, len(self.objects[name]), 0.0)
+
+    def read(self, name, limit=audit.MAX_SIDECAR):
+        return self.objects[name][: limit + 1], dict(self.heads.get(name, {}))
+
+    def stream(self, name):
+        data = self.objects[name]
+        blocks = (data[i:i + 1000] for i in range(0, len(data), 1000))
+        return audit.Stream(blocks, dict(self.heads.get(name, {})), lambda: None)
+
+
+@pytest.mark.parametrize("head, problem, how", [
+    ({"ChecksumSHA256": "AAAA"}, "S3's stored SHA-256 checksum differs from the WAV's content",
+     "whole"),
+    ({"ChecksumSHA256": "AAAA-1", "ETag": '"x-1"'},
+     "S3's stored SHA-256 checksum (of the parts) differs from the WAV's content", "parts"),
+])
+def test_a_stored_checksum_that_differs_is_named(head, problem, how):
+    """When the checksum S3 stored is not the content's (whole object or parts), verify says so."""
+    import hashlib
+
+    from evrecorder import wav
+
+    data = wav.header("mulaw", 800) + bytes(1600)
+    sidecar = {"schema": "evrecorder/1", "key": "k", "audio": {
+        "encoding": "mulaw", "sampleRateHertz": 8000, "channels": 2, "durationSeconds": 0.1,
+        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+    archive = MemoryArchive({"k.wav": data, "k.json": json.dumps(sidecar).encode()},
+                            {"k.wav": head})
+    [pair] = audit.pairs(archive.list())
+    result = audit.verify_recording(archive, pair, now=0.0)
+    assert (result.problems, result.stored_checksum) == ([problem], how)
+    archive.heads["k.wav"] = {"ChecksumSHA256": audit._b64(hashlib.sha256(data).digest())}
+    assert audit.verify_recording(archive, pair, now=0.0).status == "ok"
+
+
+def test_console_script_is_declared():
+    """setup.cfg installs `evrecorder` as a console script that reaches the CLI's main()."""
+    import configparser
+    import importlib
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    scripts = dict(
+        line.split(" = ") for line in config["options.entry_points"]["console_scripts"].split("\n")
+        if line.strip()
+    )
+    module, _, function = scripts["evrecorder"].partition(":")
+    main = getattr(importlib.import_module(module), function)
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0

@@ -128,3 +128,37 @@ def test_missing_bucket_is_one_sentence(s3_endpoint, aws_credentials):
     assert out.stderr.strip() == (
         "evrecorder verify: the archive s3://evrecorder-no-such-bucket-here/x/ cannot be read: "
         "the bucket 'evrecorder-no-such-bucket-here' does not exist.")
+
+
+def test_verify_checks_a_multipart_wav_by_its_parts(tmp_path, s3_client, bucket, s3_endpoint):
+    """A WAV uploaded in the recorder's 16 MiB parts is checked against S3's checksum of its parts."""
+    import hashlib
+    import os
+
+    from evrecorder import wav
+    from evrecorder.stores import PublishItem
+
+    samples = (33 << 20) // 2  # mu-law stereo: 2 bytes a sample frame, three 16 MiB parts
+    path = tmp_path / "long.wav"
+    with open(path, "wb") as f:
+        f.write(wav.header("mulaw", samples))
+        f.write(os.urandom(samples * 2))
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    sidecar = {"schema": "evrecorder/1", "callId": "long-1", "sessionId": "1", "key": "long-1-1",
+               "audio": {"encoding": "mulaw", "sampleRateHertz": 8000, "channels": 2,
+                         "durationSeconds": samples / 8000, "bytes": len(data), "sha256": digest},
+               "timing": {}, "complete": True, "endReason": "stop"}
+    store = S3Store(bucket, "calls/", endpoint_url=s3_endpoint, multipart_threshold=5 << 20)
+    item = PublishItem("long-1-1", str(path), digest, len(data),
+                       lambda key: json.dumps(sidecar).encode(),
+                       {"callId": "long-1", "sessionId": "1"})
+    assert store.publish(item) == "long-1-1"
+    head = s3_client.head_object(Bucket=bucket, Key="calls/long-1-1.wav")
+    assert head["ETag"].rstrip('"').endswith("-3")
+
+    out = cli("verify", f"s3://{bucket}/calls", "--s3-endpoint-url", s3_endpoint, "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    results, _ = json_lines(out.stdout)
+    assert results["long-1-1"]["storedChecksum"] == "parts"
+    assert results["long-1-1"]["status"] == "ok"
