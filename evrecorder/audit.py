@@ -294,6 +294,9 @@ def read_sidecar(archive, pair: Pair, result: Result) -> tuple[dict | None, dict
     if len(data) > MAX_SIDECAR:
         result.fail(f"the sidecar is larger than {MAX_SIDECAR >> 20} MiB")
         return None, head
+    stored = head.get("ChecksumSHA256") or ""
+    if stored and "-" not in stored and stored != _b64(hashlib.sha256(data).digest()):
+        result.fail("S3's stored SHA-256 checksum of the sidecar differs from its content")
     try:
         sidecar = json.loads(data)
     except ValueError as e:

@@ -450,3 +450,20 @@ def test_console_script_is_declared():
     with pytest.raises(SystemExit) as done:
         main(["--help"])
     assert done.value.code == 0
+
+
+def test_a_sidecar_whose_stored_checksum_differs_is_named():
+    """A sidecar object whose stored SHA-256 is not its content's fails (a changed sidecar)."""
+    import hashlib
+
+    from evrecorder import wav
+
+    data = wav.header("mulaw", 80) + bytes(160)
+    sidecar = json.dumps({"schema": "evrecorder/1", "key": "k", "audio": {
+        "encoding": "mulaw", "sampleRateHertz": 8000, "channels": 2, "durationSeconds": 0.01,
+        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}).encode()
+    other = audit._b64(hashlib.sha256(sidecar + b" ").digest())
+    archive = MemoryArchive({"k.wav": data, "k.json": sidecar}, {"k.json": {"ChecksumSHA256": other}})
+    [pair] = audit.pairs(archive.list())
+    assert audit.verify_recording(archive, pair, now=0.0).problems == [
+        "S3's stored SHA-256 checksum of the sidecar differs from its content"]

@@ -323,3 +323,25 @@ def test_bad_object_lock_options_are_one_sentence(argv, sentence):
     with pytest.raises(usage.UsageError) as refused:
         Options().parseOptions(argv)
     assert str(refused.value) == sentence
+
+
+def test_a_rival_write_in_a_locked_bucket_sends_us_to_k2(tmp_path, s3_client, locked_bucket,
+                                                          s3_endpoint):
+    """A WAV written at K between our HEAD and our PUT stays the only version at K; ours goes to K-2."""
+    from test_s3store import rival_after
+
+    client = new_client(s3_endpoint)
+    store = S3Store(locked_bucket, endpoint_url=s3_endpoint, client=client,
+                    object_lock_mode="GOVERNANCE", object_lock_days=1)
+    rival = os.urandom(3000)
+    fired = rival_after(client, "HeadObject", 404, KEY + ".wav", lambda: s3_client.put_object(
+        Bucket=locked_bucket, Key=KEY + ".wav", Body=rival, ChecksumAlgorithm="SHA256"))
+    rec = recording(tmp_path)
+
+    assert store.publish(rec.item) == KEY + "-2"
+
+    assert fired == [1]
+    versions = s3_client.list_object_versions(Bucket=locked_bucket, Prefix=KEY + ".wav")
+    assert len(versions["Versions"]) == 1
+    assert s3_client.get_object(Bucket=locked_bucket, Key=KEY + ".wav")["Body"].read() == rival
+    assert lock_of(s3_client, locked_bucket, KEY + "-2.wav")[0] == "GOVERNANCE"
