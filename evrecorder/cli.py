@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -361,6 +362,8 @@ def _ls(args, archive, now: float, out: TextIO) -> int:
 
 
 def _spool(args, now: float, out: TextIO) -> int:
+    if not os.path.isdir(args.spool):
+        raise _Refused(f"the spool directory {os.path.abspath(args.spool)} does not exist.")
     if args.retry:
         try:
             path = audit.request_retry(args.spool, args.retry, now)

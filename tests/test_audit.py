@@ -293,6 +293,10 @@ def test_archive_errors_are_one_sentence(tmp_path):
     assert out.stderr.strip() == (
         f"evrecorder verify: the archive file://{tmp_path / 'nowhere'} cannot be read: "
         f"the archive directory {tmp_path / 'nowhere'} does not exist.")
+    out = cli("spool", str(tmp_path / "no-spool"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"evrecorder spool: the spool directory {tmp_path / 'no-spool'} does not exist.")
     out = cli("ls", "ftp://host/x")
     assert out.returncode == 2 and "unknown scheme" in out.stderr
     (tmp_path / "a").mkdir()
