@@ -611,6 +611,8 @@ RETRY_DIR = "retry"
 QUARANTINE_DIR = "quarantine"
 CALLS_DIR = "calls"
 _KNOWN_ENTRY_FILES = {CALL_FILE, EVENTS_FILE, WAV_FILE, SIDECAR_FILE, CALL_FRAMES_FILE, "call.chunks"}
+#: Per-perspective frames (older versions) and the finalizer's scratch files.
+_SCRATCH_SUFFIXES = (FRAMES_SUFFIX, ".split", ".placed", ".tmp")
 
 
 def _held_inodes() -> set[tuple[int, int, int]] | None:
@@ -745,8 +747,8 @@ def spool_report(root: str, now: float) -> dict:
         else:
             audio = [n for n in files if n.endswith(FRAMES_SUFFIX) or n == "call.chunks"]
             entry["state"] = "no header" if audio else "empty"
-        other = [n for n in files if n not in _KNOWN_ENTRY_FILES and not n.endswith(FRAMES_SUFFIX)
-                 and not n.startswith(".")]
+        other = [n for n in files if n not in _KNOWN_ENTRY_FILES and not n.startswith(".")
+                 and not n.endswith(_SCRATCH_SUFFIXES)]
         if other:
             entry["otherFiles"] = other
         entries.append(entry)
