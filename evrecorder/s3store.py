@@ -15,16 +15,28 @@ IAM: the credentials need ``s3:PutObject`` and ``s3:GetObject`` on the prefix
 and ``s3:ListBucket`` on the bucket.  Without ListBucket, S3 answers a HEAD of
 a missing object with 403 instead of 404, and every publish fails as "access
 denied".  With SSE-KMS, also ``kms:GenerateDataKey`` and ``kms:Decrypt``.
+With Object Lock options, also ``s3:GetBucketObjectLockConfiguration``,
+``s3:PutObjectRetention`` and ``s3:PutObjectLegalHold``.
+
+WORM retention (S3 Object Lock): with ``object_lock_mode`` and
+``object_lock_days``, both objects of a recording carry the retention (and,
+with ``legal_hold``, a legal hold) in the PUT that creates them (see
+:meth:`S3Store._object_lock_args`); with a mode alone the bucket's default
+retention applies.  The retained objects are never replaced: see
+:meth:`S3Store._publish_sidecar`.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 import threading
+import time
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import boto3
@@ -44,6 +56,7 @@ from s3transfer.utils import ChunksizeAdjuster
 from evrecorder.stores import MAX_KEY_SUFFIX, PublishItem, StoreError, candidate_keys
 
 SSE_MODES = (None, "AES256", "aws:kms")
+OBJECT_LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
 
 #: S3 caps user metadata (keys and values) at 2 KB per object.
 _METADATA_BUDGET = 2000
@@ -92,6 +105,10 @@ class S3Store:
         multipart_threshold: int = 64 * 1024 * 1024,
         multipart_chunksize: int = 16 * 1024 * 1024,
         max_concurrency: int = 4,
+        object_lock_mode: str | None = None,
+        object_lock_days: int | None = None,
+        legal_hold: bool = False,
+        now: Callable[[], float] = time.time,
         client: Any = None,
     ):
         if not bucket:
@@ -108,6 +125,7 @@ class S3Store:
         self._sse = sse
         self._sse_kms_key_id = sse_kms_key_id
         self._storage_class = storage_class
+        self._init_object_lock(object_lock_mode, object_lock_days, legal_hold, now)
         self._threshold = multipart_threshold
         self._chunksize = multipart_chunksize
         self._transfer_config = TransferConfig(
@@ -156,6 +174,7 @@ class S3Store:
     def check(self) -> None:
         try:
             self._client.head_bucket(Bucket=self.bucket)
+            self._check_object_lock()
         except (ClientError, BotoCoreError, S3UploadFailedError) as e:
             raise StoreError(self._sentence(e)) from e
 
@@ -196,6 +215,7 @@ class S3Store:
     # -- publishing ---------------------------------------------------------
 
     def _publish(self, item: PublishItem) -> str:
+        self._require_object_lock()
         digests = self._local_digests(item)
         for key in candidate_keys(item.key):
             wav = self._object_key(key + ".wav")
@@ -219,7 +239,8 @@ class S3Store:
                         continue
             elif self._mismatch(head, item, digests):
                 continue  # someone else's recording: never overwrite it
-            self._put_sidecar(key, item)
+            self._ensure_retention(wav, head)
+            self._publish_sidecar(key, item)
             return key
         raise StoreError(f"more than {MAX_KEY_SUFFIX} different recordings at {item.key}")
 
@@ -307,6 +328,7 @@ class S3Store:
         extra: dict[str, Any] = self._extra_args()
         extra["ContentType"] = "audio/wav"
         extra["Metadata"] = _object_metadata(item)
+        extra.update(self._object_lock_args())
         if self._conditional_writes:
             try:
                 self._transfer(item.wav_path, object_key, extra, conditional=True)
@@ -357,11 +379,150 @@ class S3Store:
         object_key = self._object_key(key + ".json")
         answer = self._client.put_object(
             Bucket=self.bucket, Key=object_key, Body=body,
-            ContentType="application/json", **self._extra_args(),
+            ContentType="application/json", **self._extra_args(), **self._object_lock_args(),
         )
         checksum = answer.get("ChecksumSHA256")
         if checksum and checksum != _b64(hashlib.sha256(body).digest()):
             raise StoreError(f"S3 stored {object_key} with a different SHA-256 checksum")
+
+    # -- WORM retention (S3 Object Lock) --------------------------------------
+
+    def _init_object_lock(
+        self, mode: str | None, days: int | None, legal_hold: bool, now: Callable[[], float]
+    ) -> None:
+        if mode is not None and mode not in OBJECT_LOCK_MODES:
+            raise ValueError(f"the Object Lock mode must be GOVERNANCE or COMPLIANCE, not {mode!r}")
+        if days is not None and mode is None:
+            raise ValueError("Object Lock days need an Object Lock mode (GOVERNANCE or COMPLIANCE)")
+        if days is not None and days <= 0:
+            raise ValueError("the Object Lock days must be more than 0")
+        self.object_lock_mode = mode
+        self.object_lock_days = days
+        self.legal_hold = bool(legal_hold)
+        self._now = now
+        self._object_lock_checked = False
+        # The bucket's default retention (mode, days), read by the check.
+        self._default_retention: tuple[str, int] | None = None
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client (``evrecorder verify`` reads the archive with it)."""
+        return self._client
+
+    @property
+    def _locking(self) -> bool:
+        return self.object_lock_mode is not None or self.legal_hold
+
+    def _check_object_lock(self) -> None:
+        """With Object Lock options, the bucket must have Object Lock enabled
+        (and, for a mode without days, a default retention in that mode)."""
+        if not self._locking:
+            return
+        try:
+            answer = self._client.get_object_lock_configuration(Bucket=self.bucket)
+        except ClientError as e:
+            if _code(e) not in ("ObjectLockConfigurationNotFoundError", "404"):
+                raise
+            answer = {}
+        config = answer.get("ObjectLockConfiguration") or {}
+        if config.get("ObjectLockEnabled") != "Enabled":
+            raise StoreError(
+                f"the bucket '{self.bucket}' does not have Object Lock enabled, which "
+                "--object-lock-mode and --legal-hold need (see 'Compliance' in the README)"
+            )
+        rule = (config.get("Rule") or {}).get("DefaultRetention") or {}
+        if rule.get("Mode"):
+            days = int(rule.get("Days") or 0) or 365 * int(rule.get("Years") or 0)
+            self._default_retention = (rule["Mode"], days)
+        if self.object_lock_mode and self.object_lock_days is None:
+            if self._default_retention is None:
+                raise StoreError(
+                    f"--object-lock-mode without --object-lock-days uses the bucket's default "
+                    f"retention, and the bucket '{self.bucket}' has none: give --object-lock-days"
+                )
+            if self._default_retention[0] != self.object_lock_mode:
+                raise StoreError(
+                    f"the bucket '{self.bucket}' retains objects in {self._default_retention[0]} "
+                    f"mode by default, not {self.object_lock_mode}: give --object-lock-days to "
+                    "set the retention of each recording"
+                )
+        self._object_lock_checked = True
+
+    def _require_object_lock(self) -> None:
+        """Never publish without the retention asked for: the check must have passed."""
+        if self._locking and not self._object_lock_checked:
+            self._check_object_lock()
+
+    def _object_lock_args(self) -> dict[str, Any]:
+        """Retention and legal hold for a PUT (or CreateMultipartUpload).
+
+        S3 wants a checksum on every request that writes a locked object:
+        ``ChecksumAlgorithm=SHA256`` (:meth:`_extra_args`) gives each PutObject
+        and, through s3transfer, each UploadPart one.  A mode without days
+        sends no retention: the bucket's default applies.
+        """
+        args: dict[str, Any] = {}
+        if self.object_lock_mode and self.object_lock_days:
+            args["ObjectLockMode"] = self.object_lock_mode
+            args["ObjectLockRetainUntilDate"] = self._retain_until(self.object_lock_days)
+        if self.legal_hold:
+            args["ObjectLockLegalHoldStatus"] = "ON"
+        return args
+
+    def _retain_until(self, days: int) -> datetime:
+        return datetime.fromtimestamp(self._now(), tz=timezone.utc) + timedelta(days=days)
+
+    def _ensure_retention(self, object_key: str, head: dict) -> None:
+        """Set the retention and hold on our WAV's version if the store did not keep them.
+
+        Some endpoints drop the Object Lock headers of a multipart upload
+        (moto does); AWS keeps them.  Either way the object ends up retained.
+        """
+        if not self._locking:
+            return
+        version = head.get("VersionId")
+        extra = {"VersionId": version} if version else {}
+        wanted = self.object_lock_mode
+        days = self.object_lock_days
+        if wanted and not days and self._default_retention:
+            days = self._default_retention[1]
+        if wanted and days and not head.get("ObjectLockMode"):
+            self._client.put_object_retention(
+                Bucket=self.bucket, Key=object_key, ChecksumAlgorithm="SHA256",
+                Retention={"Mode": wanted, "RetainUntilDate": self._retain_until(days)}, **extra,
+            )
+        if self.legal_hold and head.get("ObjectLockLegalHoldStatus") != "ON":
+            self._client.put_object_legal_hold(
+                Bucket=self.bucket, Key=object_key, ChecksumAlgorithm="SHA256",
+                LegalHold={"Status": "ON"}, **extra,
+            )
+
+    def _publish_sidecar(self, key: str, item: PublishItem) -> None:
+        """Write ``K.json`` unless, with Object Lock, it is there already.
+
+        In a locked bucket a second PUT would not replace the retained
+        sidecar but add a version next to it, kept as long: a retry after a
+        crash between the sidecar and the spool cleanup finds the sidecar of
+        this very WAV (same ``audio.sha256``) and leaves it as it is.
+        """
+        if self._locking:
+            object_key = self._object_key(key + ".json")
+            try:
+                answer = self._client.get_object(Bucket=self.bucket, Key=object_key)
+            except ClientError as e:
+                if _status(e) != 404:
+                    raise
+            else:
+                try:
+                    existing = json.loads(answer["Body"].read(1 << 20))
+                except ValueError:
+                    existing = None
+                if (
+                    isinstance(existing, dict)
+                    and (existing.get("audio") or {}).get("sha256") == item.wav_sha256
+                ):
+                    return
+        self._put_sidecar(key, item)
 
     # -- errors -------------------------------------------------------------
 
