@@ -18,12 +18,12 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.logger import Logger
-from twisted.web.server import Site
+from twisted.python import log as legacy_log
 
-from evrecorder import relay
+from evrecorder import __version__, relay
 from evrecorder.archiver import Archiver
 from evrecorder.call import CallRegistry
-from evrecorder.metrics import Metrics, site_root
+from evrecorder.metrics import Metrics, MetricsSite, site_root
 from evrecorder.owners import CallOwners
 from evrecorder.protocol import RecorderFactory
 from evrecorder.reuseport import ReusePortReactor
@@ -68,6 +68,17 @@ class _Listener(StreamServerEndpointService):
             raise ListenError(f"cannot listen on {self.spec}: {e}") from None
 
 
+def _quietly(f, *args):
+    """Call ``f`` with Twisted's legacy log lines it emits dropped.
+
+    A port logs "<Factory> starting on <address>" through the legacy log; an
+    empty format makes twistd's observers (and ours) write nothing for it.
+    """
+    from twisted.logger import LogLevel
+
+    return legacy_log.callWithContext({"log_format": "", "log_level": LogLevel.debug}, f, *args)
+
+
 class _Relay(service.Service):
     """Claims on calls, and the listener siblings relay their sockets to.
 
@@ -99,14 +110,18 @@ class _Relay(service.Service):
         if self.path is not None:
             # A deep backlog: a burst of reconnects must not find it full.
             endpoint = UNIXServerEndpoint(rec._reactor, self.path, backlog=1024, mode=0o600)
-            endpoint.listen(self.factory).addCallbacks(
-                self._listening, self._not_listening, errbackArgs=(owners,)
-            )
+            listening = (endpoint.listen(self.factory) if rec.settings.reuse_port
+                         else _quietly(endpoint.listen, self.factory))
+            listening.addCallbacks(self._listening, self._not_listening, errbackArgs=(owners,))
         rec.registry.owners = owners
         rec.registry.relay = rec._relay_to
 
     def _listening(self, port):
         self.port = port
+        if not self.recorder.settings.reuse_port:
+            # Alone on its spool as far as the operator said (no --reuse-port):
+            # the relay socket is plumbing, and its lines would only puzzle.
+            port._logConnectionLostMsg = lambda: None
 
     def _not_listening(self, failure, owners):
         owners.address = ""  # claims then say "no relay": siblings record on their own
@@ -170,7 +185,7 @@ class RecorderService(service.MultiService):
     def add_metrics_listener(self, spec: str) -> StreamServerEndpointService:
         # Never shared: each process answers for itself.
         return self.add_listener(
-            spec, Site(site_root(self.metrics, self.not_ready)), reactor=self._reactor
+            spec, MetricsSite(site_root(self.metrics, self.not_ready)), reactor=self._reactor
         )
 
     def _relay_conns(self) -> list:
@@ -193,6 +208,18 @@ class RecorderService(service.MultiService):
             return f"the oldest unarchived recording has waited {age:.0f} s"
         return None
 
+    #: Under twistd (set by ``makeService``): a listener that cannot start
+    #: ends the process with its one logged sentence, not a traceback.
+    exit_on_listen_error = False
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except ListenError:
+            if not self.exit_on_listen_error:
+                raise
+            raise SystemExit(1) from None
+
     def _call_ended(self, call) -> None:
         self.archiver.finalize(call.spool)
 
@@ -205,8 +232,8 @@ class RecorderService(service.MultiService):
             )
         super().startService()
         log.info(
-            "evrecorder recording to {archive} (spool {spool})",
-            archive=self.archiver.store.describe(), spool=self.spool.root,
+            "evrecorder {version} recording to {archive} (spool {spool})",
+            version=__version__, archive=self.archiver.store.describe(), spool=self.spool.root,
         )
 
     @defer.inlineCallbacks

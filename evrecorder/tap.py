@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from twisted.python import usage
 
-from evrecorder import keys, wav
+from evrecorder import __version__, keys, wav
 from evrecorder.settings import ROLE_OF, Settings
 from evrecorder.stores import store_from_url
 
@@ -88,6 +89,11 @@ class Options(usage.Options):
         self["listen"] = []
         self["metrics"] = []
         self["secrets"] = []
+
+    def opt_version(self):
+        """Print evrecorder's version and exit."""
+        print(f"evrecorder {__version__}")
+        sys.exit(0)
 
     def opt_metrics(self, spec):
         """Endpoint serving /metrics (Prometheus), /healthz and /readyz, e.g. tcp:9100;
@@ -199,18 +205,38 @@ class Options(usage.Options):
         )
 
 
+class CannotListen(SystemExit):
+    """An endpoint that is well written but cannot be used here (a missing
+    certificate, a socket systemd did not pass).  Not a usage mistake: twistd
+    prints just this sentence (no usage text, no traceback) and exits with 1."""
+
+    def __init__(self, sentence: str):
+        super().__init__(f"evrecorder: {sentence}")
+        self.sentence = sentence
+
+
 def _check_endpoint(option: str, spec: str) -> None:
-    """Parse (without binding) an endpoint string; a UsageError says what is wrong."""
+    """Parse (without binding) an endpoint string.
+
+    A malformed string is a :class:`usage.UsageError`; one that names a file
+    or a systemd socket that is not there is :class:`CannotListen`.
+    """
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
     try:
         serverFromString(reactor, spec)
     except KeyError as e:
-        raise usage.UsageError(
+        raise CannotListen(
             f"--{option} {spec}: no socket named {e.args[0]!r} was passed in by systemd "
             "(check FileDescriptorName= in the .socket unit)."
         ) from None
+    except OSError as e:
+        if e.filename is not None:
+            what = "does not exist" if isinstance(e, FileNotFoundError) else \
+                f"cannot be read ({e.strerror})"
+            raise CannotListen(f"--{option} {spec}: the file {e.filename} {what}.") from None
+        raise CannotListen(f"--{option} {spec}: {e}.") from None
     except Exception as e:
         raise usage.UsageError(f"--{option} {spec}: {e}.") from None
 
@@ -222,6 +248,8 @@ def makeService(config: Options):
 
     settings = config.settings()
     store = store_from_url(settings.archive, **settings.s3)
-    return RecorderService(
+    recorder = RecorderService(
         settings, store, reactor, listen=config["listen"], metrics_listen=config["metrics"]
     )
+    recorder.exit_on_listen_error = True
+    return recorder
