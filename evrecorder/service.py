@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -48,6 +49,22 @@ def _raise_file_limit() -> None:
 
 class ListenError(Exception):
     """A listener could not start; the message is a sentence for the operator."""
+
+
+def quiet_listen_errors() -> None:
+    """Under twistd (``makeService``): a :class:`ListenError` ends the process
+    with status 1 and its one logged sentence, without a traceback.
+
+    twistd lets the error out of ``privilegedStartService`` uncaught.  Daemonized,
+    twistd's parent still prints the sentence ("An error has occurred: ...").
+    """
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not issubclass(kind, ListenError):
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 class _Listener(StreamServerEndpointService):
@@ -207,18 +224,6 @@ class RecorderService(service.MultiService):
         if age > self.settings.ready_max_queue_age:
             return f"the oldest unarchived recording has waited {age:.0f} s"
         return None
-
-    #: Under twistd (set by ``makeService``): a listener that cannot start
-    #: ends the process with its one logged sentence, not a traceback.
-    exit_on_listen_error = False
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except ListenError:
-            if not self.exit_on_listen_error:
-                raise
-            raise SystemExit(1) from None
 
     def _call_ended(self, call) -> None:
         self.archiver.finalize(call.spool)

@@ -244,12 +244,11 @@ def _check_endpoint(option: str, spec: str) -> None:
 def makeService(config: Options):
     from twisted.internet import reactor
 
-    from evrecorder.service import RecorderService
+    from evrecorder.service import RecorderService, quiet_listen_errors
 
     settings = config.settings()
     store = store_from_url(settings.archive, **settings.s3)
-    recorder = RecorderService(
+    quiet_listen_errors()
+    return RecorderService(
         settings, store, reactor, listen=config["listen"], metrics_listen=config["metrics"]
     )
-    recorder.exit_on_listen_error = True
-    return recorder
