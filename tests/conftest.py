@@ -108,7 +108,7 @@ def need_tool(*names: str, package: str) -> None:
     EVRECORDER_TESTS_REQUIRE_TOOLS=1: there a missing program fails the test."""
     missing = [name for name in names if shutil.which(name) is None]
     if missing:
-        reason = f"{', '.join(missing)} is missing: apt-get install {package}"
+        reason = f"not found: {', '.join(missing)} (apt-get install {package})"
         if os.environ.get("EVRECORDER_TESTS_REQUIRE_TOOLS"):
             pytest.fail(reason)
         pytest.skip(reason)
