@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import array
 import base64
+import functools
 import io
 import json
 import os
@@ -548,12 +549,17 @@ def load_cafile(path: str) -> list[Certificate]:
     return certs
 
 
+@functools.lru_cache(maxsize=4)
+def _cafile_certificates(path: str) -> tuple[Certificate, ...]:
+    return tuple(load_cafile(path))  # read once for all the calls of a run
+
+
 def _tls_creator(host: str, options: ReplayOptions):
     if options.insecure:
         return _UnverifiedTLS(host)
     if options.cafile:
         return optionsForClientTLS(
-            host, trustRoot=trustRootFromCertificates(load_cafile(options.cafile)))
+            host, trustRoot=trustRootFromCertificates(_cafile_certificates(options.cafile)))
     return optionsForClientTLS(host)
 
 

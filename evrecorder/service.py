@@ -18,7 +18,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python import log as legacy_log
 
 from evrecorder import __version__, relay
@@ -91,8 +91,6 @@ def _quietly(f, *args):
     A port logs "<Factory> starting on <address>" through the legacy log; an
     empty format makes twistd's observers (and ours) write nothing for it.
     """
-    from twisted.logger import LogLevel
-
     return legacy_log.callWithContext({"log_format": "", "log_level": LogLevel.debug}, f, *args)
 
 
