@@ -211,8 +211,20 @@ class CannotListen(SystemExit):
     prints just this sentence (no usage text, no traceback) and exits with 1."""
 
     def __init__(self, sentence: str):
-        super().__init__(f"evrecorder: {sentence}")
+        # Logging has not begun yet: under systemd, give journald the priority ourselves.
+        super().__init__(f"{_journal_prefix(3)}evrecorder: {sentence}")
         self.sentence = sentence
+
+
+def _journal_prefix(priority: int) -> str:
+    """``<N>`` when standard error is the journal (systemd sets JOURNAL_STREAM to its
+    device:inode), else nothing."""
+    try:
+        device, inode = (int(n) for n in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return ""
+    return f"<{priority}>" if (st.st_dev, st.st_ino) == (device, inode) else ""
 
 
 def _check_endpoint(option: str, spec: str) -> None:

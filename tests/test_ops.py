@@ -173,6 +173,22 @@ def test_listener_that_cannot_start_is_one_sentence(tmp_path, case):
     assert "Usage:" not in said  # an environment problem, not a usage mistake
 
 
+def test_listener_sentence_carries_the_journal_priority_under_systemd(tmp_path):
+    """With standard error on the journal (JOURNAL_STREAM), the sentence is filed as an error."""
+    err_path = tmp_path / "stderr"
+    with open(err_path, "wb") as err:
+        st = os.fstat(err.fileno())
+        out = subprocess.run(
+            TWISTD + ["-n", "--pidfile=", "evrecorder", "--listen",
+                      f"ssl:0:privateKey={tmp_path}/key.pem"],
+            cwd=tmp_path, env=dict(checkout_env(), JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}"),
+            stdout=subprocess.DEVNULL, stderr=err, timeout=60,
+        )
+    assert out.returncode == 1
+    assert err_path.read_text() == (f"<3>evrecorder: --listen ssl:0:privateKey={tmp_path}/key.pem: "
+                                    f"the file {tmp_path}/key.pem does not exist.\n")
+
+
 # -- logs, metrics and the HTTP surface of a real twistd --------------------------------
 
 def http_get(port: int, path: str, headers: dict | None = None):
