@@ -234,8 +234,7 @@ def client_hello() -> bytes:
 
 
 def test_a_running_recorder_logs_for_operators(tmp_path):
-    """Under the journald observer: one warning per refusal, TLS mistakes as warnings, no noise,
-    no access log, priorities in front; metrics and HTTP follow convention."""
+    """A real twistd: one warning per refusal, TLS mistakes warned, no noise, <N> priorities, 426."""
     key, cert = make_certificate(tmp_path)
     ws_port, wss_port, metrics_port = free_port(), free_port(), free_port()
     log_path = tmp_path / "twistd.log"
@@ -359,6 +358,30 @@ def test_journald_prefix_per_level_and_per_traceback_line():
     assert len(failure) > 3 and all(line.startswith("<2>[evrecorder.test#critical] ")
                                     for line in failure)
     assert failure[-1].endswith("ZeroDivisionError: division by zero")
+
+
+def test_quieted_port_lines_leave_nothing_in_either_observer():
+    """A port's legacy "starting on" line, quieted, writes nothing in the journald or JSON format."""
+    from twisted.logger import globalLogPublisher
+    from twisted.python import log as legacy_log
+
+    from evrecorder.logs import journald_observer, json_observer
+    from evrecorder.service import _quietly
+
+    journal, jsonl = io.StringIO(), io.StringIO()
+    observers = [journald_observer(journal), json_observer(jsonl)]
+    for observer in observers:
+        globalLogPublisher.addObserver(observer)
+    try:
+        _quietly(legacy_log.msg, "RelayServerFactory starting on '/spool/relay/1.sock'")
+        legacy_log.msg("MetricsSite starting on 9100")
+    finally:
+        for observer in observers:
+            globalLogPublisher.removeObserver(observer)
+    assert journal.getvalue() == "<6>[-] MetricsSite starting on 9100\n"
+    assert [line for line in jsonl.getvalue().splitlines() if "starting on" in line] == \
+        [jsonl.getvalue().strip()]
+    assert "relay" not in jsonl.getvalue()
 
 
 def test_units_run_twistd_with_the_journald_observer(tmp_path, monkeypatch):
