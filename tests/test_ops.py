@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import task
 from twisted.internet.threads import deferToThread
 from twisted.python import usage
 
