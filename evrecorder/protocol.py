@@ -174,6 +174,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         except Exception:
             # Autobahn would swallow this silently.
             _log.failure("handshake from {peer} failed", peer=request.peer)
+            self._refusal_logged = True
             raise ConnectionDeny(500, "internal error")
 
     def _on_connect(self, request):
