@@ -259,6 +259,9 @@ def test_a_running_recorder_logs_for_operators(tmp_path):
         # A wrong secret: 403, and one line.
         answer = raw_exchange(ws_port, upgrade_request("Authorization: Bearer wrong\r\n"))
         assert answer.startswith(b"HTTP/1.1 403 ")
+        # A handshake Autobahn refuses (no Sec-WebSocket-Key): 400, and one line too.
+        broken = upgrade_request().replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b"")
+        assert raw_exchange(ws_port, broken).startswith(b"HTTP/1.1 400 ")
         # A plain GET (a browser, a probe): 426 in a line of text, no HTML, no Server header.
         status, headers, body = http_get(ws_port, "/?redirect=https%3A%2F%2Fexample.com")
         assert status == 426 and headers["Upgrade"] == "websocket"
@@ -290,6 +293,9 @@ def test_a_running_recorder_logs_for_operators(tmp_path):
     refusals = [line for line in lines if "wrong" in line or "forbidden" in line]
     assert refusals == [next(line for line in lines if "refused: wrong secret" in line)], text
     assert refusals[0].startswith("<4>[evrecorder.protocol#warn] handshake from ")
+    [broken_line] = [line for line in lines if "Sec-WebSocket-Key" in line]
+    assert re.match(r"<4>\[evrecorder.protocol#warn\] handshake from tcp4:127.0.0.1:\d+ refused "
+                    r"with 400: ", broken_line), broken_line
     [plain_tls] = [line for line in lines if "on a plain ws:// listener" in line]
     assert plain_tls.startswith("<4>")
     [tls_mistake] = [line for line in lines if "http request" in line]
