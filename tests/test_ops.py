@@ -445,6 +445,12 @@ async def test_replay_cafile_trusts_a_private_ca_and_says_which_option_helps(
     assert await replay.run(reactor(), [str(audio), url, "--flood"], out=out) == 1
     assert "is not trusted" in out.getvalue() and "--cafile" in out.getvalue()
     assert "--insecure" in out.getvalue()
+    # Trusted, but for another name: the line says so.
+    rec2 = await recorder_factory(subdir="any", listen=f"ssl:0:privateKey={key}:certKey={cert}")
+    out = io.StringIO()
+    assert await replay.run(reactor(), [str(audio), f"wss://127.0.0.2:{rec2.port}/", "--flood",
+                                        "--cafile", cert], out=out) == 1
+    assert "is not for 127.0.0.2" in out.getvalue(), out.getvalue()
     err = io.StringIO()
     assert await replay.run(reactor(), [str(audio), url, "--cafile", str(audio)], err=err) == 2
     assert "holds no PEM certificate" in err.getvalue()
