@@ -10,6 +10,12 @@ reactor's pool: a lock makes "totals plus calls in progress" one snapshot,
 so the counters never step back while a call is being folded.  Rare events (archives, failures, upload
 latency) use prometheus_client's own Counter and Histogram.  Each recorder has
 its own ``CollectorRegistry``, so several in one process (tests) don't collide.
+
+Prometheus conventions: the standard ``process_*`` series, an
+``evrecorder_build_info{version}`` gauge of 1, and no ``*_created`` series
+(a timestamp per counter that only costs storage).  The HTTP side says no
+``Server:`` name or version and keeps no access log: a scrape every 15 s would
+bury the lines that matter.
 """
 
 from __future__ import annotations
@@ -18,10 +24,18 @@ import threading
 from collections import Counter as Tally
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.twisted import MetricsResource
+from twisted.web import server
 from twisted.web.resource import Resource
+
+from evrecorder import __version__
+
+# Process-wide in prometheus_client; the recorder owns its process.
+disable_created_metrics()
 
 PLACEMENT_COUNTERS = ("missing", "duplicates", "reordered", "late")
 
@@ -61,6 +75,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_Collector(self))
+        ProcessCollector(registry=self.registry)
 
     def track(self, frames: dict, nbytes: dict) -> None:
         """Count a call in progress: its frames and media bytes by perspective,
@@ -103,6 +118,10 @@ class _Collector:
 
     def collect(self):
         m = self._m
+        build = GaugeMetricFamily(
+            "evrecorder_build_info", "The running evrecorder's version.", labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
         frames, media_bytes = m.media_counts()
         for name, doc, tally, label in (
             ("evrecorder_frames", "Media frames received.", frames, "perspective"),
@@ -154,6 +173,23 @@ class _Text(Resource):
             request.setResponseCode(503)
             return (problem + "\n").encode()
         return b"ok\n"
+
+
+class _Request(server.Request):
+    def setHeader(self, name, value):
+        # twisted.web names itself and its version in Server: say nothing.
+        if name.lower() != b"server":
+            super().setHeader(name, value)
+
+
+class MetricsSite(server.Site):
+    """The metrics endpoint's site: no access log, no factory noise, no Server header."""
+
+    noisy = False
+    requestFactory = _Request
+
+    def log(self, request) -> None:
+        pass  # Prometheus scrapes every few seconds: not worth a line each
 
 
 def site_root(metrics: Metrics, not_ready: Callable[[], str | None]) -> Resource:

@@ -35,7 +35,11 @@ from orjson import loads as _loads
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
+from OpenSSL import SSL
+from twisted.internet.interfaces import IProtocolNegotiationFactory
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from evrecorder import fastmask
 from evrecorder.fastmask import unmask as _unmask
@@ -50,6 +54,27 @@ _CALL_ID = ("callId", "callid", "call_id")
 _SESSION_ID = ("sessionId", "sessionid", "session_id")
 _OPEN = WebSocketProtocol.STATE_OPEN
 _NOT_UTF8 = object()
+_UPGRADE_REQUIRED = (
+    b"HTTP/1.1 426 Upgrade Required\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Connection: Upgrade, close\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 68\r\n\r\n"
+    b"This is a WebSocket endpoint for Engage Voice call streaming (ws).\r\n"
+)
+_NOT_TLS = (
+    b"HTTP/1.1 400 Bad Request\r\n"
+    b"Connection: close\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 56\r\n\r\n"
+    b"This port speaks plain WebSocket (ws://), not TLS/wss.\r\n"
+)
+#: OpenSSL reasons a client's TLS mistake shows as, and what to tell the operator.
+_TLS_HINTS = {
+    "http request": "a plain-text client on a TLS port: it should use wss://",
+    "unsupported protocol": "the client offers only TLS versions older than 1.2",
+    "no shared cipher": "the client offers no cipher the recorder accepts",
+}
 _MULAW_TYPES = {"audio/x-mulaw", "audio/mulaw", "audio/basic", "audio/pcmu", "mulaw", "ulaw", "pcmu"}
 
 
@@ -157,6 +182,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         self._received_at = 0.0
         self._fast = False  # set at onOpen: see _fast_read
         self._fast_limit = 0
+        self._refusal_logged = False  # our onConnect logged why it refused
 
     # -- handshake -------------------------------------------------------
 
@@ -168,6 +194,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         except Exception:
             # Autobahn would swallow this silently.
             _log.failure("handshake from {peer} failed", peer=request.peer)
+            self._refusal_logged = True
             raise ConnectionDeny(500, "internal error")
 
     def _on_connect(self, request):
@@ -177,6 +204,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         self._connected_at = factory.clock.seconds()
         if factory.draining:
             factory.metrics.rejected["draining"] += 1
+            self._refusal_logged = True  # one line for the drain, not one a handshake
             raise ConnectionDeny(503, "draining: try another recorder")
         params = dict(request.params)
         presented = []
@@ -192,6 +220,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         if presented:
             if checker.required and not all(checker.matches(p) for p in presented):
                 _log.warn("handshake from {peer} refused: wrong secret", peer=request.peer)
+                self._refusal_logged = True
                 factory.metrics.rejected["secret"] += 1
                 raise ConnectionDeny(403, "forbidden")
             self._authenticated = True
@@ -203,9 +232,62 @@ class RecorderProtocol(WebSocketServerProtocol):
             _key_part({}, self._query, _CALL_ID), _key_part({}, self._query, _SESSION_ID)
         ):
             _log.warn("handshake from {peer} refused: at capacity", peer=request.peer)
+            self._refusal_logged = True
             factory.metrics.rejected["capacity"] += 1
             raise ConnectionDeny(503, "at capacity: try another recorder")
         return None
+
+    def processHandshake(self):
+        if self.data[:1] == b"\x16":
+            # A TLS ClientHello (wss://) on this plain listener: HTTP never
+            # starts with 0x16.  Say so at once, rather than let the client
+            # wait for the handshake timeout.
+            _log.warn(
+                "a TLS handshake from {peer} on a plain ws:// listener: the client should "
+                "use ws://, or the recorder listen with ssl:", peer=self.peer,
+            )
+            self._refusal_logged = True
+            self.data = b""
+            self.sendData(_NOT_TLS)
+            self._drop_quietly()
+            return
+        super().processHandshake()
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        """Refuse the opening handshake with one log line, ours.
+
+        Autobahn would add an info and a warning of its own to the warning
+        ``onConnect`` already logged.  A plain GET (a browser, a load
+        balancer's probe) gets a short 426, not Autobahn's HTML status page,
+        and no line: nothing that wanted a WebSocket was refused.
+        """
+        self.wasNotCleanReason = reason
+        if code == 426:
+            self.sendData(_UPGRADE_REQUIRED)
+        else:
+            if not self._refusal_logged:
+                _log.warn("handshake from {peer} refused with {code}: {reason}",
+                          peer=self.peer, code=code, reason=reason)
+            self.sendHttpErrorResponse(code, reason, responseHeaders)
+        self._drop_quietly()
+
+    def _drop_quietly(self) -> None:
+        # Autobahn logs a drop that is not "clean" as a warning of its own.
+        self.wasClean = True
+        self.dropConnection(abort=False)
+
+    def connectionLost(self, reason=connectionDone):
+        if isinstance(reason.value, SSL.Error):
+            # A client's TLS mistake is a warning (Autobahn logs it as an error).
+            reasons = [str(r[2]) for r in reason.value.args[0] if len(r) > 2] \
+                if reason.value.args and isinstance(reason.value.args[0], list) else []
+            text = "; ".join(reasons) or str(reason.value)
+            hints = [_TLS_HINTS[r] for r in reasons if r in _TLS_HINTS]
+            _log.warn("TLS with {peer} failed: {reason}{hint}", peer=self.peer, reason=text,
+                      hint=f" ({hints[0]})" if hints else "")
+            self._connectionLost(reason)  # Autobahn's own, minus its log line
+            return
+        super().connectionLost(reason)
 
     # -- messages --------------------------------------------------------
 
@@ -510,13 +592,16 @@ class RecorderProtocol(WebSocketServerProtocol):
         self.factory.connection_made(self)
 
 
+@implementer(IProtocolNegotiationFactory)
 class RecorderFactory(WebSocketServerFactory):
     """Builds protocols; holds what every socket shares."""
 
     protocol = RecorderProtocol
+    noisy = False  # no "Starting factory <... at 0x...>"
 
     def __init__(self, registry: CallRegistry, settings: Settings, clock):
         super().__init__()
+        self._quiet_http()
         fastmask.install()
         self.registry = registry
         self.settings = settings
@@ -536,6 +621,17 @@ class RecorderFactory(WebSocketServerFactory):
             autoPingTimeout=settings.ping_timeout,
             maxConnections=settings.max_connections,
         )
+
+    def _quiet_http(self) -> None:
+        """No ``Server:`` header naming Autobahn and its version, and no HTML
+        status page (nor its ``?redirect=``) for a plain GET: a 426 instead."""
+        self.server = None
+        self.webStatus = False
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """ALPN on ``ssl:`` listeners: Twisted fails the handshake of any client
+        that offers ALPN unless the factory names a protocol it speaks."""
+        return [b"http/1.1"]
 
     def connection_made(self, proto: RecorderProtocol) -> None:
         self.sockets.add(proto)

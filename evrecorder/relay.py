@@ -195,6 +195,8 @@ class RelayedConnection(Int32StringReceiver):
 
 
 class RelayServerFactory(protocol.Factory):
+    noisy = False  # no "Starting factory <... at 0x...>"
+
     def __init__(self, registry):
         self.registry = registry
         self.conns: set[RelayedConnection] = set()
@@ -238,6 +240,8 @@ class _RelayClient(Int32StringReceiver):
 
 
 class _Once(protocol.Factory):
+    noisy = False
+
     def __init__(self, proto):
         self.proto = proto
 

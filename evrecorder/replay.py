@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import array
 import base64
+import functools
 import io
 import json
 import os
 import re
+import signal
 import struct
 import sys
 import time
@@ -37,12 +39,14 @@ from twisted.internet import defer, task
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
-from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
+from twisted.internet.ssl import (
+    Certificate, CertificateOptions, optionsForClientTLS, trustRootFromCertificates,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from evrecorder import g711
+from evrecorder import __version__, g711
 
 _log = Logger()
 
@@ -316,6 +320,7 @@ class ReplayOptions:
     close_timeout: float = 10.0
     connect_timeout: float = 10.0
     insecure: bool = False
+    cafile: str | None = None  # PEM certificates to trust (a private CA) instead of the system's
     ani: str = "2223334444"
     dnis: str = "2223335555"
     account_id: str = "99990000"
@@ -346,6 +351,7 @@ class CallResult:
     closed_by: str | None = None  # "server", "client" (after the close timeout) or None
     error: str | None = None  # connection failed or lost without a close handshake
     elapsed: float = 0.0
+    interrupted: bool = False  # ended by Ctrl-C (see ReplayHandle.interrupt)
 
     @property
     def refused(self) -> bool:
@@ -525,8 +531,77 @@ class _UnverifiedTLS:
         return connection
 
 
+def load_cafile(path: str) -> list[Certificate]:
+    """The PEM certificates in ``path``; :class:`UsageError` with a sentence if none."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read the CA file {path}: {e.strerror}") from None
+    end = b"-----END CERTIFICATE-----"
+    pems = [chunk + end for chunk in data.split(end) if b"-----BEGIN CERTIFICATE-----" in chunk]
+    try:
+        certs = [Certificate.loadPEM(pem) for pem in pems]
+    except Exception:
+        certs = []
+    if not certs:
+        raise UsageError(f"the CA file {path} holds no PEM certificate")
+    return certs
+
+
+@functools.lru_cache(maxsize=4)
+def _cafile_certificates(path: str) -> tuple[Certificate, ...]:
+    return tuple(load_cafile(path))  # read once for all the calls of a run
+
+
+def _tls_creator(host: str, options: ReplayOptions):
+    if options.insecure:
+        return _UnverifiedTLS(host)
+    if options.cafile:
+        return optionsForClientTLS(
+            host, trustRoot=trustRootFromCertificates(_cafile_certificates(options.cafile)))
+    return optionsForClientTLS(host)
+
+
+def _connection_hint(url: str, lost: BaseException | None, data: bytes) -> str:
+    """Why a connection ended before the WebSocket opened, with the option that helps."""
+    parts = urlsplit(url)
+    where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'wss' else 80)}"
+    if parts.scheme == "ws" and data[:1] in (b"\x15", b"\x16"):
+        return f"the server at {where} answered with TLS: use wss://"
+    if isinstance(lost, SSL.Error):
+        reasons = [str(r[2]) for r in lost.args[0] if len(r) > 2] \
+            if lost.args and isinstance(lost.args[0], list) else []
+        text = "; ".join(reasons) or str(lost)
+        if "certificate verify failed" in text:
+            return (f"the certificate of {where} is not trusted ({text}): give its CA with "
+                    "--cafile, or --insecure for a test certificate")
+        if any(r in text for r in ("wrong version number", "packet length too long",
+                                   "record layer failure", "http request")):
+            return f"the server at {where} does not speak TLS ({text}): use ws://"
+        return f"TLS with {where} failed: {text}"
+    if type(lost).__name__ == "VerificationError":  # service_identity: a name mismatch
+        return (f"the certificate of {where} is not for {parts.hostname} ({lost}): connect by "
+                "a name the certificate holds, or --insecure for a test certificate")
+    if parts.scheme == "ws":
+        return (f"the server at {where} closed the connection without answering the "
+                "handshake (a wss:// port? then use wss://)")
+    return ""
+
+
 class _ReplayProtocol(WebSocketClientProtocol):
     """Thin: hands every event to the factory's :class:`_CallRun`."""
+
+    def processHandshake(self) -> None:
+        if self.data[:1] in (b"\x15", b"\x16"):  # a TLS record, not HTTP: ws:// to a wss:// port
+            self.factory.run.first_bytes = self.data[:8]
+            self.dropConnection(abort=True)
+            return
+        super().processHandshake()
+
+    def connectionLost(self, reason) -> None:
+        self.factory.run.lost = reason.value  # the TLS error, if any, for the message
+        super().connectionLost(reason)
 
     def onOpen(self) -> None:
         self._guard(self.factory.run.opened, self)
@@ -571,6 +646,8 @@ class _CallRun:
         self._close_timer = None
         self._closing_by_us = False
         self._started = 0.0
+        self.lost: BaseException | None = None  # why the connection went, as Twisted says
+        self.first_bytes = b""  # what a server that answered with TLS sent
         self.result = CallResult(call_id=call_id, session_id=options.session_id,
                                  frames={p: 0 for p in script.perspectives})
         self.done: defer.Deferred[CallResult] = defer.Deferred()
@@ -604,9 +681,7 @@ class _CallRun:
         endpoint = HostnameEndpoint(self._reactor, factory.host, factory.port,
                                     timeout=self._options.connect_timeout)
         if factory.isSecure:
-            creator = (_UnverifiedTLS(factory.host) if self._options.insecure
-                       else optionsForClientTLS(factory.host))
-            endpoint = wrapClientTLS(creator, endpoint)
+            endpoint = wrapClientTLS(_tls_creator(factory.host, self._options), endpoint)
         d = endpoint.connect(factory)
         d.addErrback(lambda f: self._finish(error=f"connection failed: {f.getErrorMessage()}"))
 
@@ -645,7 +720,8 @@ class _CallRun:
             if self.result.refused:
                 self._finish()
             else:
-                self._finish(error=f"handshake failed: {reason}")
+                hint = _connection_hint(self._url, self.lost, self.first_bytes)
+                self._finish(error=f"handshake failed: {hint or reason}")
             return
         if self._closing_by_us:
             self._finish(closed_by="client", code=code, reason=reason)
@@ -656,6 +732,20 @@ class _CallRun:
 
     def fail(self, failure: Failure) -> None:
         self._finish(error=f"internal error: {failure.getErrorMessage()}")
+
+    def interrupt(self) -> None:
+        """Ctrl-C: end now, as the user's doing (not the server's)."""
+        if self.done.called:
+            return
+        proto = self._proto
+        if proto is not None and proto.state == WebSocketProtocol.STATE_OPEN:
+            self._closing_by_us = True
+            proto.sendClose(1000, "interrupted")
+        self.result.interrupted = True
+        self._finish(error="interrupted by you")
+
+    def frames_sent(self) -> int:
+        return sum(self.result.frames.values())
 
     # -- sending
 
@@ -723,33 +813,70 @@ class _Script:
         return cls(audio, _perspectives(audio), ticks)
 
 
+class ReplayHandle:
+    """The calls of a running :func:`replay`: what they sent so far, and Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.runs: list = []
+        self.pending: list[defer.Deferred] = []  # staggered calls not started yet
+        self.interrupted = False
+
+    def frames_sent(self) -> int:
+        return sum(run.frames_sent() for run in self.runs)
+
+    def interrupt(self) -> None:
+        """End every call now; each result says "interrupted by you"."""
+        self.interrupted = True
+        for d in list(self.pending):
+            d.cancel()
+        for run in list(self.runs):
+            run.interrupt()
+
+
 def replay(reactor, url: str, audio: dict[str, bytes], options: ReplayOptions | None = None, *,
            on_result: Callable[[CallResult], None] | None = None, clock=None,
-           now: Callable[[], float] | None = None) -> defer.Deferred[list[CallResult]]:
+           now: Callable[[], float] | None = None,
+           handle: ReplayHandle | None = None) -> defer.Deferred[list[CallResult]]:
     """Run ``options.calls`` calls streaming ``audio`` to ``url``; fires with their results.
 
     Never fails for a call's sake: refusals, lost connections and close codes are
     in each :class:`CallResult`.  ``on_result`` is called as each call ends.
     ``clock`` (timers, default ``reactor``) and ``now`` (monotonic seconds,
-    default :func:`time.monotonic`) are for tests.
+    default :func:`time.monotonic`) are for tests.  ``handle`` follows the
+    calls (progress) and can interrupt them.
     """
     options = options or ReplayOptions()
     clock = clock or reactor
     now = now or time.monotonic
     script = _Script.of(audio)
+    handle = handle if handle is not None else ReplayHandle()
+
+    def report(r: CallResult) -> CallResult:
+        if on_result is not None:
+            on_result(r)
+        return r
 
     def one(call_id: str) -> defer.Deferred[CallResult]:
-        d = _CallRun(reactor, clock, now, url, call_id, options, script).start()
-        if on_result is not None:
-            d.addCallback(lambda r: (on_result(r), r)[1])
-        return d
+        run = _CallRun(reactor, clock, now, url, call_id, options, script)
+        handle.runs.append(run)
+        return run.start().addCallback(report)
+
+    def never_started(failure: Failure, call_id: str) -> CallResult:
+        failure.trap(defer.CancelledError)
+        return report(CallResult(call_id=call_id, session_id=options.session_id,
+                                 frames={p: 0 for p in script.perspectives},
+                                 error="interrupted by you", interrupted=True))
 
     calls = []
     for n, call_id in enumerate(call_ids(options)):
         if n == 0 or options.stagger <= 0:
             calls.append(one(call_id))
         else:
-            calls.append(task.deferLater(clock, n * options.stagger, one, call_id))
+            later = task.deferLater(clock, n * options.stagger, lambda: None)
+            handle.pending.append(later)
+            later.addCallback(lambda _, cid=call_id: one(cid))
+            later.addErrback(never_started, call_id)
+            calls.append(later)
     return defer.gatherResults(calls, consumeErrors=True)
 
 
@@ -786,13 +913,15 @@ def format_summary(results: list[CallResult], elapsed: float) -> str:
     by_server = sum(1 for r in results if r.ok and r.closed_by == "server")
     by_us = sum(1 for r in results if r.ok and r.closed_by == "client")
     refused = sum(1 for r in results if r.refused)
-    failed = sum(1 for r in results if not r.ok)
+    interrupted = sum(1 for r in results if r.interrupted)
+    failed = sum(1 for r in results if not r.ok and not r.interrupted)
     frames = sum(sum(r.frames.values()) for r in results)
     nbytes = sum(r.media_bytes for r in results)
     return (
         f"{len(results)} call(s): {by_server} closed by the server with 1000, "
         f"{by_us} closed by us after the close timeout, {failed} failed"
-        f"{f' ({refused} refused)' if refused else ''}; "
+        f"{f' ({refused} refused)' if refused else ''}"
+        f"{f', {interrupted} interrupted by you' if interrupted else ''}; "
         f"{frames} frames, {nbytes} bytes in {elapsed:.2f} s"
     )
 
@@ -840,6 +969,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE",
                    help="WAV (16-bit PCM or mu-law, mono or stereo, 8000 Hz) or raw 8 kHz mu-law")
     p.add_argument("url", metavar="URL", help="ws:// or wss:// address of the recorder")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print evrecorder's version and exit")
     p.add_argument("--raw", action="store_true", help="FILE is raw 8 kHz mono mu-law")
     p.add_argument("--mono-perspective", choices=[AGENT, CALLER, "both"], default=AGENT,
                    help="where mono audio goes (default %(default)s = agent)")
@@ -869,6 +1000,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for the TCP/TLS connection and the handshake (default 10)")
     p.add_argument("--insecure", action="store_true",
                    help="do not verify the server's TLS certificate (self-signed test certs)")
+    p.add_argument("--cafile", metavar="PEM",
+                   help="trust the CA certificate(s) in this file for wss:// (a private CA)")
     p.add_argument("--quiet", action="store_true", help="print only failed calls and the summary")
     for name, default in (("ani", "2223334444"), ("dnis", "2223335555"), ("agent-id", "123"),
                           ("account-id", "99990000"), ("product-type", "Queue"),
@@ -895,12 +1028,17 @@ def options_from_args(args: argparse.Namespace, environ=os.environ) -> ReplayOpt
             raise UsageError(f"cannot read the secret file {args.secret_file}: {e.strerror}") from None
     if secret is None:
         secret = environ.get("EVRECORDER_SECRET") or None
+    if getattr(args, "cafile", None):
+        if args.insecure:
+            raise UsageError("--cafile and --insecure contradict each other: give one")
+        load_cafile(args.cafile)  # a sentence now rather than a failed handshake per call
     return ReplayOptions(
         call_id=args.call_id, session_id=args.session_id, calls=args.calls, stagger=args.stagger,
         realtime=args.realtime, secret=secret, secret_in=args.secret_in,
         secret_header=args.secret_header, query=list(args.query),
         stop_perspective=args.stop_perspective, close_timeout=args.close_timeout,
-        connect_timeout=args.connect_timeout, insecure=args.insecure, ani=args.ani,
+        connect_timeout=args.connect_timeout, insecure=args.insecure, cafile=args.cafile,
+        ani=args.ani,
         dnis=args.dnis, agent_id=args.agent_id, account_id=args.account_id,
         product_type=args.product_type, product_id=args.product_id,
     )
@@ -921,14 +1059,91 @@ async def run(reactor, argv: list[str], out=None, err=None) -> int:
         print(f"evrecorder-replay: {e}", file=err)
         return 2
 
+    handle = ReplayHandle()
+    progress = _Progress(err, handle, audio_seconds(audio) + options.stagger * (options.calls - 1),
+                         options.calls) if options.realtime and _is_tty(err) else None
+
     def report(r: CallResult) -> None:
+        if progress is not None:
+            progress.clear()
         if not args.quiet or not r.ok:
             print(format_result(r, options.close_timeout), file=out, flush=True)
 
+    def interrupted() -> None:
+        # Ctrl-C (or SIGTERM) stops the reactor: end the calls as the user's doing first.
+        if not done.called:
+            handle.interrupt()
+
     started = time.monotonic()
-    results = await replay(reactor, args.url, audio, options, on_result=report)
+    done = replay(reactor, args.url, audio, options, on_result=report, handle=handle)
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupted)
+    if progress is not None:
+        progress.start(reactor)
+    try:
+        results = await done
+    finally:
+        if progress is not None:
+            progress.stop()
+    if not handle.interrupted:
+        reactor.removeSystemEventTrigger(trigger)
     print(format_summary(results, time.monotonic() - started), file=out, flush=True)
+    if handle.interrupted:
+        return 128 + signal.SIGINT  # as a shell reports Ctrl-C
     return exit_status(results)
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def format_progress(elapsed: float, total: float, frames: int, running: int, calls: int) -> str:
+    """The realtime progress line: elapsed / total seconds, frames sent, calls running."""
+    line = f"{elapsed:6.1f} / {total:.1f} s, {frames} frames sent"
+    if calls > 1:
+        line += f", {running} of {calls} calls running"
+    return line
+
+
+class _Progress:
+    """One line on a terminal, rewritten twice a second while a realtime replay runs."""
+
+    def __init__(self, stream, handle: ReplayHandle, total: float, calls: int):
+        self._stream = stream
+        self._handle = handle
+        self._total = total
+        self._calls = calls
+        self._started = 0.0
+        self._loop: task.LoopingCall | None = None
+        self._shown = False
+
+    def start(self, clock) -> None:
+        self._started = time.monotonic()
+        self._loop = task.LoopingCall(self._show)
+        self._loop.clock = clock
+        self._loop.start(0.5, now=True)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self.clear()
+
+    def clear(self) -> None:
+        if self._shown:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+            self._shown = False
+
+    def _show(self) -> None:
+        handle = self._handle
+        running = sum(1 for run in handle.runs if not run.done.called)
+        line = format_progress(time.monotonic() - self._started, self._total,
+                               handle.frames_sent(), running, self._calls)
+        self._stream.write("\r\x1b[K" + line)
+        self._stream.flush()
+        self._shown = True
 
 
 def main(argv: list[str] | None = None) -> None:

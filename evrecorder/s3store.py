@@ -166,9 +166,14 @@ class S3Store:
     # -- Store interface ----------------------------------------------------
 
     def describe(self) -> str:
+        # The endpoint the client resolved: --s3-endpoint-url, else
+        # AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or the shared config, else
+        # AWS's for the region.  An operator sees which one is in use.
+        url = self.endpoint_url or getattr(
+            getattr(self._client, "meta", None), "endpoint_url", None)
         where = f"s3://{self.bucket}/{self.prefix}"
-        if self.endpoint_url:
-            where += " at " + _safe_url(self.endpoint_url)
+        if url:
+            where += " at " + _safe_url(url)
         return where
 
     def check(self) -> None:

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
-from twisted.logger import Logger
-from twisted.web.server import Site
+from twisted.logger import Logger, LogLevel
+from twisted.python import log as legacy_log
 
-from evrecorder import relay
+from evrecorder import __version__, relay
 from evrecorder.archiver import Archiver
 from evrecorder.call import CallRegistry
-from evrecorder.metrics import Metrics, site_root
+from evrecorder.metrics import Metrics, MetricsSite, site_root
 from evrecorder.owners import CallOwners
 from evrecorder.protocol import RecorderFactory
 from evrecorder.reuseport import ReusePortReactor
@@ -50,6 +51,22 @@ class ListenError(Exception):
     """A listener could not start; the message is a sentence for the operator."""
 
 
+def quiet_listen_errors() -> None:
+    """Under twistd (``makeService``): a :class:`ListenError` ends the process
+    with status 1 and its one logged sentence, without a traceback.
+
+    twistd lets the error out of ``privilegedStartService`` uncaught.  Daemonized,
+    twistd's parent still prints the sentence ("An error has occurred: ...").
+    """
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not issubclass(kind, ListenError):
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
 class _Listener(StreamServerEndpointService):
     """A listening endpoint whose failure to start says which one, and why."""
 
@@ -66,6 +83,15 @@ class _Listener(StreamServerEndpointService):
         except Exception as e:
             log.critical("cannot listen on {spec}: {reason}", spec=self.spec, reason=e)
             raise ListenError(f"cannot listen on {self.spec}: {e}") from None
+
+
+def _quietly(f, *args):
+    """Call ``f`` with Twisted's legacy log lines it emits dropped.
+
+    A port logs "<Factory> starting on <address>" through the legacy log; an
+    empty format makes twistd's observers (and ours) write nothing for it.
+    """
+    return legacy_log.callWithContext({"log_format": "", "log_level": LogLevel.debug}, f, *args)
 
 
 class _Relay(service.Service):
@@ -99,14 +125,18 @@ class _Relay(service.Service):
         if self.path is not None:
             # A deep backlog: a burst of reconnects must not find it full.
             endpoint = UNIXServerEndpoint(rec._reactor, self.path, backlog=1024, mode=0o600)
-            endpoint.listen(self.factory).addCallbacks(
-                self._listening, self._not_listening, errbackArgs=(owners,)
-            )
+            listening = (endpoint.listen(self.factory) if rec.settings.reuse_port
+                         else _quietly(endpoint.listen, self.factory))
+            listening.addCallbacks(self._listening, self._not_listening, errbackArgs=(owners,))
         rec.registry.owners = owners
         rec.registry.relay = rec._relay_to
 
     def _listening(self, port):
         self.port = port
+        if not self.recorder.settings.reuse_port:
+            # Alone on its spool as far as the operator said (no --reuse-port):
+            # the relay socket is plumbing, and its lines would only puzzle.
+            port._logConnectionLostMsg = lambda: None
 
     def _not_listening(self, failure, owners):
         owners.address = ""  # claims then say "no relay": siblings record on their own
@@ -170,7 +200,7 @@ class RecorderService(service.MultiService):
     def add_metrics_listener(self, spec: str) -> StreamServerEndpointService:
         # Never shared: each process answers for itself.
         return self.add_listener(
-            spec, Site(site_root(self.metrics, self.not_ready)), reactor=self._reactor
+            spec, MetricsSite(site_root(self.metrics, self.not_ready)), reactor=self._reactor
         )
 
     def _relay_conns(self) -> list:
@@ -205,8 +235,8 @@ class RecorderService(service.MultiService):
             )
         super().startService()
         log.info(
-            "evrecorder recording to {archive} (spool {spool})",
-            archive=self.archiver.store.describe(), spool=self.spool.root,
+            "evrecorder {version} recording to {archive} (spool {spool})",
+            version=__version__, archive=self.archiver.store.describe(), spool=self.spool.root,
         )
 
     @defer.inlineCallbacks

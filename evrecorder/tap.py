@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from twisted.python import usage
 
-from evrecorder import keys, wav
+from evrecorder import __version__, keys, wav
 from evrecorder.settings import ROLE_OF, Settings
 from evrecorder.stores import store_from_url
 
@@ -94,6 +95,11 @@ class Options(usage.Options):
         self["listen"] = []
         self["metrics"] = []
         self["secrets"] = []
+
+    def opt_version(self):
+        """Print evrecorder's version and exit."""
+        print(f"evrecorder {__version__}")
+        sys.exit(0)
 
     def opt_metrics(self, spec):
         """Endpoint serving /metrics (Prometheus), /healthz and /readyz, e.g. tcp:9100;
@@ -241,18 +247,50 @@ class Options(usage.Options):
         )
 
 
+class CannotListen(SystemExit):
+    """An endpoint that is well written but cannot be used here (a missing
+    certificate, a socket systemd did not pass).  Not a usage mistake: twistd
+    prints just this sentence (no usage text, no traceback) and exits with 1."""
+
+    def __init__(self, sentence: str):
+        # Logging has not begun yet: under systemd, give journald the priority ourselves.
+        super().__init__(f"{_journal_prefix(3)}evrecorder: {sentence}")
+        self.sentence = sentence
+
+
+def _journal_prefix(priority: int) -> str:
+    """``<N>`` when standard error is the journal (systemd sets JOURNAL_STREAM to its
+    device:inode), else nothing."""
+    try:
+        device, inode = (int(n) for n in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return ""
+    return f"<{priority}>" if (st.st_dev, st.st_ino) == (device, inode) else ""
+
+
 def _check_endpoint(option: str, spec: str) -> None:
-    """Parse (without binding) an endpoint string; a UsageError says what is wrong."""
+    """Parse (without binding) an endpoint string.
+
+    A malformed string is a :class:`usage.UsageError`; one that names a file
+    or a systemd socket that is not there is :class:`CannotListen`.
+    """
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
     try:
         serverFromString(reactor, spec)
     except KeyError as e:
-        raise usage.UsageError(
+        raise CannotListen(
             f"--{option} {spec}: no socket named {e.args[0]!r} was passed in by systemd "
             "(check FileDescriptorName= in the .socket unit)."
         ) from None
+    except OSError as e:
+        if e.filename is not None:
+            what = "does not exist" if isinstance(e, FileNotFoundError) else \
+                f"cannot be read ({e.strerror})"
+            raise CannotListen(f"--{option} {spec}: the file {e.filename} {what}.") from None
+        raise CannotListen(f"--{option} {spec}: {e}.") from None
     except Exception as e:
         raise usage.UsageError(f"--{option} {spec}: {e}.") from None
 
@@ -260,10 +298,11 @@ def _check_endpoint(option: str, spec: str) -> None:
 def makeService(config: Options):
     from twisted.internet import reactor
 
-    from evrecorder.service import RecorderService
+    from evrecorder.service import RecorderService, quiet_listen_errors
 
     settings = config.settings()
     store = store_from_url(settings.archive, **settings.s3)
+    quiet_listen_errors()
     return RecorderService(
         settings, store, reactor, listen=config["listen"], metrics_listen=config["metrics"]
     )

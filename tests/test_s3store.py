@@ -491,14 +491,20 @@ def test_other_errors_carry_the_s3_code(tmp_path, s3_endpoint, bucket):
 # -- construction -------------------------------------------------------------
 
 
-def test_describe_names_bucket_prefix_and_endpoint_only():
-    """describe() is s3://bucket/prefix plus the endpoint, without user info or query."""
-    plain = S3Store("bkt", "rec/", region="us-east-1")
+def test_describe_names_bucket_prefix_and_endpoint_only(monkeypatch):
+    """describe() is s3://bucket/prefix plus the endpoint in use, without user info or query."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    plain = S3Store("bkt", "rec/", region="eu-west-1")
     custom = S3Store("bkt", "rec", endpoint_url="https://user:pw@minio.example:9000/?x=1",
                      region="us-east-1")
 
-    assert plain.describe() == "s3://bkt/rec/"
+    assert plain.describe() == "s3://bkt/rec/ at https://s3.eu-west-1.amazonaws.com"
     assert custom.describe() == "s3://bkt/rec at https://minio.example:9000/"
+    # boto3 reads AWS_ENDPOINT_URL_S3: the start-up line names it too.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio.internal:9000")
+    assert S3Store("bkt", "rec/", region="eu-west-1").describe() == \
+        "s3://bkt/rec/ at http://minio.internal:9000"
 
 
 @pytest.mark.parametrize(
