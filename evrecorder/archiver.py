@@ -179,6 +179,7 @@ class Archiver(service.Service):
         self._trouble: dict[str, list] = {}  # entry path -> [kind, logged at, not logged since]
         self._store_failing: tuple[float, str] | None = None  # since, last reason
         self._disk_failing: str | None = None  # a file-system-wide error finalizing
+        self.spool_min_free = SPOOL_MIN_FREE_BYTES
         self.metrics.gauges["evrecorder_spool_set_aside"] = lambda: len(self.set_aside)
 
     # -- threads ---------------------------------------------------------
@@ -664,7 +665,7 @@ class Archiver(service.Service):
 
         The store has failed every publish for longer than
         ``ready_max_queue_age``; or the spool is read-only, not writable, has
-        less than :data:`SPOOL_MIN_FREE_BYTES` free, or finalizing failed
+        less than :attr:`spool_min_free` bytes free, or finalizing failed
         with a full disk or quota since the last success.  One entry that
         needs an operator does not count (see :attr:`set_aside`).
         """
@@ -680,7 +681,7 @@ class Archiver(service.Service):
         if fs.f_flag & os.ST_RDONLY:
             return f"the spool {self.spool.root} is on a read-only file system"
         free = fs.f_bavail * fs.f_frsize
-        if free < SPOOL_MIN_FREE_BYTES:
+        if free < self.spool_min_free:
             return f"the spool {self.spool.root} is full ({free // 1024} KiB free)"
         if not os.access(self.spool.calls_dir, os.W_OK | os.X_OK):
             return f"the spool {self.spool.calls_dir} is not writable"
