@@ -154,11 +154,18 @@ def _create_exclusive(src: str, path: str) -> None:
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            while block := f.read(1 << 20):
-                out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+                while block := f.read(1 << 20):
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            # Ours (created exclusively) and partial (a full disk): left in
+            # place, every retry would see "someone else's recording" and
+            # leave another partial file at the next key.
+            _unlink_quietly(path)
+            raise
     _fsync_dir(os.path.dirname(path))
 
 

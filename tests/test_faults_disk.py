@@ -713,3 +713,32 @@ async def test_a_read_only_spool_fails_readyz(tmpfs, recorder_factory):
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(spool_dir)], check=True)
     assert (await rec.http_get("/readyz")) == (200, "ok\n")
+
+
+def test_a_copy_cut_by_a_full_archive_leaves_no_partial_wav(tmpfs, monkeypatch):
+    """Without hard links, a WAV copy that hits ENOSPC is removed: freed, the recording lands at K."""
+    from evrecorder import stores
+    from evrecorder.stores import PublishItem
+
+    archive = tmpfs("archive", "1m")
+    spool_dir = tmpfs("spool", "2m")
+    data = bytes(range(256)) * 1600  # 400 KiB: a temporary copy fits, a second does not
+    wav = spool_dir / "r.wav"
+    wav.write_bytes(data)
+    with open(archive / "filler", "wb") as f:
+        f.write(b"\xaa" * (1024 * 1024 - 600 * 1024))
+
+    def no_hard_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(stores.os, "link", no_hard_links)
+    store = LocalStore(str(archive))
+    item = PublishItem(key="d/k", wav_path=str(wav), wav_sha256=hashlib.sha256(data).hexdigest(),
+                       wav_size=len(data), sidecar_for=lambda key: b"{}")
+    with pytest.raises(StoreError) as full:
+        store.publish(item)
+    assert "No space left" in str(full.value) and not full.value.permanent
+    assert os.listdir(archive / "d") == []  # neither the partial WAV nor the temporary copy
+    os.unlink(archive / "filler")
+    assert store.publish(item) == "d/k"
+    assert (archive / "d" / "k.wav").read_bytes() == data
