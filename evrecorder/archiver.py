@@ -410,6 +410,14 @@ class Archiver(service.Service):
                     pass
                 raise
             if header.get("damage"):
+                left = salvage.audio_files(entry)
+                if left:
+                    # A header rebuilt by us, and audio this finalize did not
+                    # take (a format it does not know): publishing would delete it.
+                    salvage.set_damaged_sidecar_aside(entry)
+                    raise RuntimeError(
+                        f"finalizing it from a rebuilt header left {', '.join(left)} unread"
+                    )
                 sidecar = salvage.mark_recovered(entry, sidecar, header["damage"])
             return "finalized", sidecar
         except salvage.Damaged as e:

@@ -9,7 +9,8 @@ hold audio is deleted unless the archive confirmed it.
   rebuilt from what is known: the ids and the start from its directory name
   (:func:`~evrecorder.spool.ids_from_name`), the metadata of a damaged header
   when it still parses.  The damaged file is kept as ``call.json.damaged``.
-  The recording is then finalized as usual, and its sidecar says so:
+  (``call.chunks`` makes it a gRPC entry.)  The recording is then finalized
+  as usual, and its sidecar says so:
   ``endReason: "recovered"``, ``complete: false`` and ``damage.headerLost``.
 * An entry with no header and no audio at all (a crash before the header was
   written) holds nothing: it is removed.
@@ -29,6 +30,7 @@ import socket
 import struct
 
 from evrecorder import __version__, keys
+from evrecorder.chunkfile import CHUNKS_FILE
 from evrecorder.finalize import SCHEMA, SCRATCH_SUFFIXES, rfc3339
 from evrecorder.settings import PERSPECTIVES, Settings
 from evrecorder.spool import (
@@ -137,7 +139,7 @@ def restore_header(entry: CallSpool) -> dict:
             + ("" if known["idsComplete"] else " (cut there: the ids were long)"),
         },
     }
-    if any(n.endswith(".chunks") for n in os.listdir(entry.path)):
+    if os.path.exists(os.path.join(entry.path, CHUNKS_FILE)):
         header["source"] = "grpc"
         header["accountId"] = str(old.get("accountId", "unknown"))
     damaged = os.path.join(entry.path, CALL_FILE)

@@ -742,3 +742,37 @@ def test_a_copy_cut_by_a_full_archive_leaves_no_partial_wav(tmpfs, monkeypatch):
     os.unlink(archive / "filler")
     assert store.publish(item) == "d/k"
     assert (archive / "d" / "k.wav").read_bytes() == data
+
+
+def test_audio_that_finalize_cannot_read_is_never_published_away(tmp_path):
+    """Header lost and audio in a file finalize does not take: set aside, the file kept."""
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spooled_call(spool, call_id="g1", agent=frames(5, 50), ended=False)
+    os.unlink(os.path.join(entry.path, "call.json"))
+    with open(os.path.join(entry.path, "other.chunks"), "wb") as f:
+        f.write(b"\x01" * 500)
+    store = MemoryStore()
+    archiver, _ = sync_archiver(spool, store)
+    archiver.startService()
+    assert store.objects == {} and len(archiver.set_aside) == 1
+    assert open(os.path.join(entry.path, "other.chunks"), "rb").read() == b"\x01" * 500
+    assert "other.chunks unread" in next(iter(archiver.set_aside.values()))[1]
+
+
+def test_a_lost_header_beside_call_chunks_is_rebuilt_as_a_grpc_one(tmp_path):
+    """Frames of the gRPC door (call.chunks) without call.json: the rebuilt header says source grpc."""
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spool.new_call("dialog-9", "sess-1", T0)
+    os.makedirs(entry.path)
+    with open(os.path.join(entry.path, "call.chunks"), "wb") as f:
+        f.write(b"\x00" * 400)
+    with open(os.path.join(entry.path, "call.json"), "w") as f:
+        f.write('{"source": "grpc", "accountId": "acc-3", "metadata": {"account": {"id": "acc-3"}}')
+    assert salvage.read_header(entry) is None
+    header = salvage.restore_header(entry)
+    assert header["source"] == "grpc" and header["callId"] == "dialog-9"
+    assert header["sessionId"] == "sess-1" and header["connectedAt"] == T0
+    assert salvage.read_header(entry) == header
+    assert open(os.path.join(entry.path, "call.json.damaged")).read().startswith('{"source"')
