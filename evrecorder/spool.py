@@ -29,7 +29,9 @@ Each call is a directory ``<spool>/calls/<name>/``:
     its presence means "finalized: upload me".  The directory is deleted only
     after the store confirmed both objects.
 
-A truncated last record or line (``kill -9`` mid-write) is ignored on reading.
+A truncated last record or line (``kill -9`` mid-write) is ignored on reading,
+and so is an event line a full disk cut short (the next one starts on a line
+of its own).
 
 Several recorder processes may share one spool (``--reuse-port``).  Whoever
 works on an entry (records it, finalizes it, publishes it) holds an exclusive
@@ -161,6 +163,7 @@ class CallSpool:
         self._frames_fd: int | None = None
         self._pending = bytearray()
         self._events_fd: int | None = None
+        self._events_torn = False
         self._lock_fd: int | None = None
 
     # -- ownership ---------------------------------------------------------
@@ -258,8 +261,15 @@ class CallSpool:
                 os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                 0o640,
             )
-        line = json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n"
-        os.write(self._events_fd, line.encode("utf-8"))
+        data = (json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        if self._events_torn:
+            data = b"\n" + data  # after a torn line, start a line of our own
+        self._events_torn = True
+        while data:
+            # A full disk may take part of a line and then fail: that line is
+            # torn (and skipped on reading), never glued to the next one.
+            data = data[os.write(self._events_fd, data):]
+        self._events_torn = False
 
     def close(self) -> None:
         try:
@@ -292,7 +302,9 @@ class CallSpool:
             try:
                 events.append(json.loads(line))
             except ValueError:
-                break  # a line cut by a crash: nothing after it was written
+                # A line cut by a crash (the last), or by a full disk (the
+                # next line starts afresh): skipped.
+                continue
         return events
 
     def read_frames(self, perspective: str, chunk: int = 1 << 16) -> Iterator[tuple[int, bytes]]:

@@ -776,3 +776,25 @@ def test_a_lost_header_beside_call_chunks_is_rebuilt_as_a_grpc_one(tmp_path):
     assert header["sessionId"] == "sess-1" and header["connectedAt"] == T0
     assert salvage.read_header(entry) == header
     assert open(os.path.join(entry.path, "call.json.damaged")).read().startswith('{"source"')
+
+
+def test_an_event_line_cut_by_a_full_disk_does_not_swallow_the_next(tmpfs):
+    """A full spool cuts an event line short; once space returns, the next event is read again."""
+    root = tmpfs("spool", "256k")
+    spool = Spool(str(root))
+    spool.prepare()
+    entry = spool.new_call("torn-1", "1", T0)
+    entry.create({"callId": "torn-1", "sessionId": "1", "connectedAt": T0, "createdAt": T0,
+                  "metadata": {}, "query": {}})
+    entry.append_event({"event": "media", "perspective": AGENT, "at": T0, "offsetFrames": 0,
+                        "firstSequenceId": 1})
+    filler = fill(root)
+    with pytest.raises(OSError) as full:
+        entry.append_event({"event": "stop", "perspective": AGENT, "metadata": {"x": "y" * 9000}})
+    assert full.value.errno == errno.ENOSPC
+    with open(os.path.join(entry.path, "events.jsonl"), "rb") as f:
+        assert b'"event":"stop"' in f.read()  # a part of the line was taken: torn
+    os.unlink(filler)
+    entry.append_event({"event": "end", "reason": "stop", "complete": True, "at": T0 + 1})
+    entry.close()
+    assert [e["event"] for e in entry.read_events()] == ["media", "end"]
