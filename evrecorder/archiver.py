@@ -40,7 +40,6 @@ import json
 import os
 import random
 import struct
-from datetime import datetime, timezone
 from typing import Callable
 
 from twisted.application import service
@@ -604,11 +603,11 @@ class Archiver(service.Service):
             return sidecar, key, fallback
 
         def published(result):
-            self._store_failing = None
             if result is None:
                 self._forget(entry)
                 entry.unlock()
                 return
+            self._store_failing = None
             sidecar, key, fallback = result
             self._forget(entry)
             if fallback is not None:
@@ -677,7 +676,7 @@ class Archiver(service.Service):
         with a full disk or quota since the last success.  One entry that
         needs an operator does not count (see :attr:`set_aside`).
         """
-        if self._store_failing is not None:
+        if self._store_failing is not None and self._waiting_since:
             since, reason = self._store_failing
             age = self._reactor.seconds() - since
             if age > self.settings.ready_max_queue_age:
@@ -693,7 +692,7 @@ class Archiver(service.Service):
             return f"the spool {self.spool.root} is full ({free // 1024} KiB free)"
         if not os.access(self.spool.calls_dir, os.W_OK | os.X_OK):
             return f"the spool {self.spool.calls_dir} is not writable"
-        if self._disk_failing is not None:
+        if self._disk_failing is not None and self._waiting_since:
             return f"finalizing calls fails: {self._disk_failing}"
         return None
 
