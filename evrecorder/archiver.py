@@ -13,6 +13,8 @@ Failures are told apart by what may cure them:
   throttling, access denied: an operator fixes those).  Retried with
   exponential backoff and jitter, capped at ``retry_max``, without limit
   while the process runs, and across restarts (the queue *is* the spool).
+  When the disk or the store works again (a finalize or a publish succeeds
+  after such failures), the retries waiting for it are brought forward.
 * Damage: an entry whose header, sidecar or recording cannot be read.  What
   can be recovered is (:mod:`evrecorder.salvage`); what cannot is moved to
   ``<spool>/quarantine/``, never deleted.
@@ -427,7 +429,9 @@ class Archiver(service.Service):
     def _finalized(self, result: tuple[str, object], entry: CallSpool) -> None:
         done, value = result
         name = os.path.basename(entry.path)
-        self._disk_failing = None  # the spool took a write
+        if self._disk_failing is not None:
+            self._disk_failing = None  # the spool takes writes again:
+            self._wake(self.finalize)  # the calls that waited for it need not wait more
         self._attempts.pop(entry.path, None)  # uploads count their own attempts
         self._trouble.pop(entry.path, None)
         if done in ("finalized", "rebuilt"):
@@ -607,7 +611,9 @@ class Archiver(service.Service):
                 self._forget(entry)
                 entry.unlock()
                 return
-            self._store_failing = None
+            if self._store_failing is not None:
+                self._store_failing = None
+                self._wake(self._enqueue)  # the store is back: the rest follows now
             sidecar, key, fallback = result
             self._forget(entry)
             if fallback is not None:
@@ -654,6 +660,14 @@ class Archiver(service.Service):
             f(entry)
 
         self._retries[entry.path] = (self._reactor.callLater(delay, again), f, entry)
+
+    def _wake(self, f) -> None:
+        """Bring the retries of ``f`` forward to within ``retry_initial`` (jittered):
+        what they waited for works again."""
+        for path, (call, again, entry) in list(self._retries.items()):
+            if again == f and call.active() and \
+                    call.getTime() - self._reactor.seconds() > self.settings.retry_initial:
+                call.reset(random.uniform(0, self.settings.retry_initial))
 
     @property
     def queue_depth(self) -> int:

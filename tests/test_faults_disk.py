@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import random
 import subprocess
 import uuid
 
@@ -798,3 +799,33 @@ def test_an_event_line_cut_by_a_full_disk_does_not_swallow_the_next(tmpfs):
     entry.append_event({"event": "end", "reason": "stop", "complete": True, "at": T0 + 1})
     entry.close()
     assert [e["event"] for e in entry.read_events()] == ["media", "end"]
+
+
+def test_when_the_disk_works_again_waiting_calls_follow_at_once(tmp_path, monkeypatch):
+    """After long backoffs on a full disk, the first finalize that succeeds brings the others forward."""
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    for n in range(3):
+        spooled_call(spool, call_id=f"w{n}", agent=frames(5, 60 + n))
+    store = MemoryStore()
+    archiver, clock = sync_archiver(spool, store, retry_initial=1.0, retry_max=300.0)
+    real = archiver_module.finalize
+    full = {"on": True}
+
+    def maybe_full(entry, settings):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(entry, settings)
+
+    monkeypatch.setattr(archiver_module, "finalize", maybe_full)
+    random.seed(10)
+    archiver.startService()
+    for _ in range(12):  # backoffs grow to minutes
+        clock.advance(300.0)
+    retries = sorted(c.getTime() - clock.seconds() for c in clock.getDelayedCalls()
+                     if c.func.__name__ == "again")
+    assert len(retries) == 3 and retries[1] - retries[0] > 2.0  # far apart
+    full["on"] = False
+    clock.advance(retries[0])  # one finalize succeeds
+    clock.advance(1.0)  # the others within retry_initial, not minutes later
+    assert len([k for k in store.objects if k.endswith(".wav")]) == 3
