@@ -506,15 +506,22 @@ def test_s3_keys_over_1024_bytes_are_refused_before_sending(tmp_path):
 LONG_ID = "L" * 9990 + "0123456789"
 
 
+@pytest.mark.parametrize("where", ["metadata", "query"])
 @pytest_twisted.ensureDeferred
-async def test_a_10000_character_call_id_is_archived_locally(recorder_factory):
-    """A real recorder archives a call with a 10,000-character callId, sample-exact, at a bounded key."""
+async def test_a_10000_character_call_id_is_archived_locally(recorder_factory, where):
+    """A 10,000-character callId (Start metadata or query) is archived sample-exact, key bounded."""
     rec = await recorder_factory(**FAST_RETRY)
     agent, caller = frames(40, 13), frames(40, 14)
-    code, _ = await record_call(rec, agent, caller, call_id=LONG_ID)
+    if where == "metadata":
+        code, _ = await record_call(rec, agent, caller, call_id=LONG_ID)
+    else:
+        pre = [{"event": "Connected"},
+               {"event": "Start", "metadata": {"contentType": "audio/x-mulaw"}}]
+        code, _ = await record_call(rec, agent, caller, pre=pre,
+                                    query={"callId": LONG_ID, "sessionId": "2"})
     assert code == 1000
     [sidecar] = await rec.archived()
-    assert sidecar["callId"] == LONG_ID and sidecar["metadata"]["callId"] == LONG_ID
+    assert sidecar["callId"] == LONG_ID and sidecar[where]["callId"] == LONG_ID
     key = os.path.relpath(sidecar["_wav"], rec.archive)[:-4]
     assert key == sidecar["key"] and len(key) < 200
     assert key.startswith("20") and "L" * 60 in key
