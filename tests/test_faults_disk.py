@@ -681,6 +681,12 @@ async def test_calls_ending_on_a_full_spool_are_archived_when_space_returns(tmpf
         left, _ = read_pcm16_wav(sidecar["_wav"])
         assert left == independent_decode(b"".join(agent))
     assert (await rec.http_get("/readyz")) == (200, "ok\n")
+    from test_operate import metric
+
+    text = (await rec.http_get("/metrics"))[1]
+    assert metric(text, "evrecorder_spool_set_aside") == 0
+    assert metric(text, "evrecorder_spool_quarantined_total") == 0
+    assert metric(text, "evrecorder_calls_archived_total", end_reason="stop") == 3
 
 
 @pytest_twisted.ensureDeferred
