@@ -634,8 +634,9 @@ class Archiver(service.Service):
                 call_id=sidecar["callId"], session_id=sidecar["sessionId"],
                 store=self.store.describe(), key=key, seconds=sidecar["audio"]["durationSeconds"],
                 nbytes=sidecar["audio"]["bytes"], reason=sidecar["endReason"],
-                agent_frames=agent["frames"], agent_missing=agent["missing"],
-                caller_frames=caller["frames"], caller_missing=caller["missing"],
+                # A sidecar rebuilt from the WAV has lost the counts.
+                agent_frames=agent.get("frames"), agent_missing=agent.get("missing"),
+                caller_frames=caller.get("frames"), caller_missing=caller.get("missing"),
             )
 
         return self._blocking(publish).addCallbacks(

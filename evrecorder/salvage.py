@@ -210,7 +210,7 @@ def rebuild_sidecar(entry: CallSpool, settings: Settings, detail: str) -> dict:
 
     What the WAV says (encoding, rate, duration, bytes, SHA-256), the header
     (or the directory name) and the events; the per-perspective counts are
-    lost (null).
+    lost (left out).
     """
     wav_path = os.path.join(entry.path, WAV_FILE)
     if not os.path.exists(wav_path):
@@ -260,11 +260,8 @@ def rebuild_sidecar(entry: CallSpool, settings: Settings, detail: str) -> dict:
             "bytes": size,
             "sha256": digest.hexdigest(),
         },
-        "perspectives": {
-            p: {"frames": None, "missing": None, "duplicates": None, "reordered": None,
-                "late": None, "stop": stops.get(p)}
-            for p in PERSPECTIVES
-        },
+        # The counts are lost (left out, not made up); the Stops are in the events.
+        "perspectives": {p: {"stop": stops.get(p)} for p in PERSPECTIVES},
         "timing": {
             "connectedAt": rfc3339(header.get("connectedAt")),
             "firstMediaAt": rfc3339(first_media_at),
