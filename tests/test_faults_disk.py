@@ -844,3 +844,30 @@ def test_when_the_disk_works_again_waiting_calls_follow_at_once(tmp_path, monkey
     clock.advance(retries[0])  # one finalize succeeds
     clock.advance(1.0)  # the others within retry_initial, not minutes later
     assert len([k for k in store.objects if k.endswith(".wav")]) == 3
+
+
+def test_a_grpc_entry_that_lost_its_header_is_archived_sample_exact(tmp_path):
+    """gRPC chunks without call.json: archived as recovered, each channel sample-exact."""
+    grpc_entry = pytest.importorskip(
+        "grpc_entry", reason="the gRPC spool format's test helpers come with the gRPC finalize")
+    from test_assemble import stream_chunks
+
+    e = grpc_entry.Entry(tmp_path)
+    c = e.segment("c", "CONTACT", "contact-1")
+    a = e.segment("a", "AGENT", "agent-7")
+    caller = stream_chunks(e, c, T0 + 0.5, 30, seed=1)
+    agent = stream_chunks(e, a, T0 + 0.505, 30, seed=2)
+    e.write_chunks()
+    e.entry.close()
+    e.entry.unlock()
+    os.unlink(os.path.join(e.entry.path, "call.json"))
+    store = MemoryStore()
+    archiver, _ = sync_archiver(e.spool, store)
+    archiver.startService()
+    key, wav, sidecar = wav_of(store)
+    assert key == "2023/11/14/dlg-1-sess-1" and sidecar["source"] == "grpc"
+    assert sidecar["endReason"] == "recovered" and sidecar["damage"]["headerLost"] is True
+    (tmp_path / "got.wav").write_bytes(wav)
+    _, left, right = grpc_entry.read_wav(str(tmp_path / "got.wav"))
+    assert left == grpc_entry.decode(b"".join(agent[s] for s in sorted(agent)), "PCMU")
+    assert right == grpc_entry.decode(b"".join(caller[s] for s in sorted(caller)), "PCMU")
