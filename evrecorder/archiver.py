@@ -247,20 +247,32 @@ class Archiver(service.Service):
 
     def _poll_retry_file(self) -> None:
         """An operator touched ``<spool>/retry``: try everything now.  (Its time
-        is compared, so every process sharing the spool sees it.)"""
+        is compared, so every process sharing the spool sees it.)
+
+        ``retry`` may also be a directory of request files, one per entry (what
+        a tool may write): a new file changes the directory's time the same
+        way.  Everything is retried, and the requests seen are removed.
+        """
         self._retry_poll = None
         stamp = self._retry_stamp()
         if stamp is not None and stamp != self._retry_seen:
             self._retry_seen = stamp
+            path = os.path.join(self.spool.root, RETRY_FILE)
             log.info(
                 "{path} was touched: retrying {n} entries set aside and {m} waiting for "
-                "their next attempt", path=os.path.join(self.spool.root, RETRY_FILE),
-                n=len(self.set_aside), m=len(self._retries),
+                "their next attempt", path=path, n=len(self.set_aside), m=len(self._retries),
             )
             try:
                 self.retry_now()
             except Exception:
                 log.failure("retrying on request failed")
+            if os.path.isdir(path):
+                for name in os.listdir(path):
+                    try:
+                        os.unlink(os.path.join(path, name))
+                    except OSError:
+                        pass  # a sibling took it, or it is not a file
+                self._retry_seen = self._retry_stamp()
         if self.running and not self._stopping:
             self._retry_poll = self._reactor.callLater(RETRY_POLL_SECONDS, self._poll_retry_file)
 
@@ -422,7 +434,7 @@ class Archiver(service.Service):
                 sidecar = salvage.mark_recovered(entry, sidecar, header["damage"])
             return "finalized", sidecar
         except salvage.Damaged as e:
-            where = salvage.quarantine(self.spool.root, entry)
+            where = salvage.quarantine(self.spool.root, entry, str(e))
             entry.unlock()
             return "quarantined", (str(e), where)
 

@@ -279,8 +279,13 @@ def rebuild_sidecar(entry: CallSpool, settings: Settings, detail: str) -> dict:
 
 # -- quarantine ------------------------------------------------------------
 
-def quarantine(spool_root: str, entry: CallSpool) -> str:
-    """Move the entry, whole, to ``<spool>/quarantine/``; return where it went."""
+#: A note left in a quarantined entry: why it is there, one sentence.
+REASON_FILE = "reason.txt"
+
+
+def quarantine(spool_root: str, entry: CallSpool, why: str = "") -> str:
+    """Move the entry, whole, to ``<spool>/quarantine/`` with a note of why;
+    return where it went."""
     target_dir = os.path.join(spool_root, QUARANTINE_DIR)
     os.makedirs(target_dir, exist_ok=True)
     name = os.path.basename(entry.path)
@@ -290,4 +295,10 @@ def quarantine(spool_root: str, entry: CallSpool) -> str:
         n += 1
         target = os.path.join(target_dir, f"{name}.{n}")
     os.rename(entry.path, target)
+    if why:
+        try:
+            with open(os.path.join(target, REASON_FILE), "w", encoding="utf-8") as f:
+                f.write(why + "\n")
+        except OSError:
+            pass  # the log says it too
     return target

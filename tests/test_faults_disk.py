@@ -361,8 +361,9 @@ def test_a_garbled_sidecar_and_wav_are_quarantined_not_deleted(tmp_path):
         archiver.startService()
         clock.advance(3600)
     moved = os.path.join(spool.root, "quarantine", os.path.basename(entry.path))
-    assert sorted(os.listdir(moved)) == ["call.json", "events.jsonl", "recording.wav",
-                                         "sidecar.json.damaged"]
+    assert sorted(os.listdir(moved)) == ["call.json", "events.jsonl", "reason.txt",
+                                         "recording.wav", "sidecar.json.damaged"]
+    assert "not a WAV file" in open(os.path.join(moved, "reason.txt")).read()
     assert store.objects == {} and spool.entries() == []
     assert archiver.metrics.quarantined._value.get() == 1
     assert logs.texts("cannot be recovered", "quarantine")
@@ -871,3 +872,28 @@ def test_a_grpc_entry_that_lost_its_header_is_archived_sample_exact(tmp_path):
     _, left, right = grpc_entry.read_wav(str(tmp_path / "got.wav"))
     assert left == grpc_entry.decode(b"".join(agent[s] for s in sorted(agent)), "PCMU")
     assert right == grpc_entry.decode(b"".join(caller[s] for s in sorted(caller)), "PCMU")
+
+
+def test_a_request_file_in_a_retry_directory_retries_and_is_consumed(tmp_path, monkeypatch):
+    """<spool>/retry/<entry> (a tool's request) retries what was set aside, then is removed."""
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spooled_call(spool, agent=frames(5, 70))
+    store = MemoryStore()
+    archiver, clock = sync_archiver(spool, store)
+    monkeypatch.setattr(archiver_module, "finalize", lambda e, s: 1 / 0)
+    os.makedirs(os.path.join(spool.root, RETRY_FILE))
+    archiver.startService()
+    assert len(archiver.set_aside) == 1
+    monkeypatch.undo()
+    clock.advance(RETRY_POLL_SECONDS)
+    assert len(archiver.set_aside) == 1  # nothing asked yet
+    request = os.path.join(spool.root, RETRY_FILE, os.path.basename(entry.path))
+    with open(request, "w") as f:
+        f.write("{}")
+    os.utime(os.path.join(spool.root, RETRY_FILE), ns=(2, 2))
+    clock.advance(RETRY_POLL_SECONDS)
+    assert archiver.set_aside == {} and len(wav_of(store)) == 3
+    assert os.listdir(os.path.join(spool.root, RETRY_FILE)) == []
+    clock.advance(RETRY_POLL_SECONDS)  # its own removal is no new request
+    assert store.calls == 1
