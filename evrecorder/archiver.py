@@ -2,10 +2,33 @@
 
 Every finished call is a spool directory with ``recording.wav`` and
 ``sidecar.json`` until the store has confirmed both objects; only then is the
-directory deleted.  Failed publishes are retried with exponential backoff and
-jitter, without limit, and across restarts (the queue *is* the spool).  At
-start the archiver finalizes calls left by a crash (endReason "recovered") and
-queues every finalized one.
+directory deleted.  At start (and every :data:`RESCAN_SECONDS`) the archiver
+finalizes calls left by a crash (endReason "recovered") and queues every
+finalized one.
+
+Failures are told apart by what may cure them:
+
+* Transient: a disk error (ENOSPC, EDQUOT, EIO, EMFILE, a read-only file
+  system ..., any ``OSError``) or a store error that may pass (an outage,
+  throttling, access denied: an operator fixes those).  Retried with
+  exponential backoff and jitter, capped at ``retry_max``, without limit
+  while the process runs, and across restarts (the queue *is* the spool).
+  When the disk or the store works again (a finalize or a publish succeeds
+  after such failures), the retries waiting for it are brought forward.
+* Damage: an entry whose header, sidecar or recording cannot be read.  What
+  can be recovered is (:mod:`evrecorder.salvage`); what cannot is moved to
+  ``<spool>/quarantine/``, never deleted.
+* A key the store refuses (``StoreError.permanent``): the recording is
+  published under a fallback key, ``unkeyed/<date>/<sha256 of the ids>``,
+  and its sidecar says so (``keyFallback``).
+* Anything else (an unexpected exception: a bug) sets the entry aside: it
+  stays in the spool, out of readiness, and is tried again at every rescan,
+  at the next start, and when an operator touches ``<spool>/retry``.
+
+Each entry logs one sentence per kind of failure, and then at most one every
+:data:`LOG_EVERY_SECONDS` while it goes on; a traceback only for the
+unexpected.  Touching ``<spool>/retry`` also cuts every backoff short: after
+freeing disk space or mending the store, ``touch /var/lib/evrecorder/spool/retry``.
 
 Finalizing and publishing block (disk, network), so they run in a dedicated
 thread pool; the reactor thread only keeps the books.
@@ -13,9 +36,12 @@ thread pool; the reactor thread only keeps the books.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
+import struct
 from typing import Callable
 
 from twisted.application import service
@@ -24,6 +50,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from evrecorder import salvage
 from evrecorder.finalize import SCHEMA, finalize, rfc3339
 from evrecorder.metrics import Metrics
 from evrecorder.settings import Settings
@@ -32,18 +59,43 @@ from evrecorder.stores import PublishItem, Store, StoreError
 
 log = Logger()
 
-#: Finalize attempts before an entry is set aside until the next start.
-MAX_FINALIZE_ATTEMPTS = 5
-#: How often the spool is scanned for entries nobody holds (a sibling died).
+#: How often the spool is scanned for entries nobody holds (a sibling died),
+#: and entries set aside are tried again.
 RESCAN_SECONDS = 60.0
+#: Touching this file in the spool retries everything now.
+RETRY_FILE = "retry"
+RETRY_POLL_SECONDS = 2.0
+#: A failure that goes on is logged again at most this often, per entry.
+LOG_EVERY_SECONDS = 600.0
+#: /readyz fails while the spool's file system has less free than this.
+SPOOL_MIN_FREE_BYTES = 16 * 1024 * 1024
+#: Disk errors about a whole file system (not one entry): they fail /readyz
+#: until a finalize succeeds again.
+FILESYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+#: Where a recording goes when the store refuses its key.
+FALLBACK_PREFIX = "unkeyed"
+
+
+class _DamagedSidecar(Exception):
+    """A finalized entry whose sidecar cannot be used; the message says why."""
 
 
 def _load_item(entry: CallSpool, now: Callable[[], float]) -> tuple[dict, PublishItem]:
     """The finalized call as a publish item; its sidecar gets the key used and archivedAt."""
-    with open(os.path.join(entry.path, SIDECAR_FILE), encoding="utf-8") as f:
-        sidecar = json.load(f)
-    audio = sidecar["audio"]
-    metadata = sidecar.get("metadata") or {}
+    try:
+        with open(os.path.join(entry.path, SIDECAR_FILE), "rb") as f:
+            sidecar = json.loads(f.read())
+        audio = sidecar["audio"]
+        metadata = sidecar.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            metadata = {}
+        key, sha, size = sidecar["key"], audio["sha256"], audio["bytes"]
+        if not (isinstance(key, str) and key and isinstance(sha, str) and len(sha) == 64
+                and isinstance(size, int) and isinstance(sidecar["timing"], dict)):
+            raise ValueError("its key, checksum or size is not what it should be")
+        call_id, session_id = sidecar["callId"], sidecar["sessionId"]
+    except (ValueError, KeyError, TypeError) as e:  # JSON, UTF-8, a missing field
+        raise _DamagedSidecar(f"its sidecar.json cannot be read ({_sentence(e)})") from e
 
     def sidecar_for(key: str) -> bytes:
         sidecar["key"] = key
@@ -51,18 +103,45 @@ def _load_item(entry: CallSpool, now: Callable[[], float]) -> tuple[dict, Publis
         return (json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n").encode()
 
     return sidecar, PublishItem(
-        key=sidecar["key"],
+        key=key,
         wav_path=os.path.join(entry.path, WAV_FILE),
-        wav_sha256=audio["sha256"],
-        wav_size=audio["bytes"],
+        wav_sha256=sha,
+        wav_size=size,
         sidecar_for=sidecar_for,
         object_metadata={
-            "callId": str(sidecar["callId"]),
-            "sessionId": str(sidecar["sessionId"]),
+            "callId": str(call_id),
+            "sessionId": str(session_id),
             "agentId": str(metadata.get("agentId", "")),
             "schema": SCHEMA,
         },
     )
+
+
+def fallback_key(sidecar: dict) -> str:
+    """``unkeyed/<date>/<sha256 of the ids>``: a key every store takes, the same
+    for every attempt (a publish stays idempotent)."""
+    timing = sidecar.get("timing") or {}
+    when = timing.get("firstMediaAt") or timing.get("connectedAt") or ""
+    date = when[:10].replace("-", "/") if isinstance(when, str) and len(when) >= 10 else "undated"
+    ids = json.dumps([sidecar.get("callId"), sidecar.get("sessionId"),
+                      (sidecar.get("audio") or {}).get("sha256")], ensure_ascii=False)
+    return f"{FALLBACK_PREFIX}/{date}/{hashlib.sha256(ids.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+
+def _kind(failure) -> tuple[str, bool]:
+    """What kind of failure this is (for the log), and whether it is permanent."""
+    e = failure.value
+    if isinstance(e, OSError):
+        return errno.errorcode.get(e.errno, "disk error"), False
+    if isinstance(e, StoreError):
+        if e.spooled and not isinstance(e.__cause__, OSError):
+            return "checksum", True  # repaired, see _failed
+        return ("spool read" if e.spooled else "store"), False
+    if isinstance(e, _DamagedSidecar):
+        return "sidecar", True  # repaired, see _failed
+    if isinstance(e, (ValueError, KeyError, TypeError, IndexError, struct.error)):
+        return "unreadable", True
+    return "unexpected", True
 
 
 class Archiver(service.Service):
@@ -88,12 +167,21 @@ class Archiver(service.Service):
         self._attempts: dict[str, int] = {}
         self._waiting_since: dict[str, float] = {}  # unconfirmed entry -> when it was queued
         self._finalizing = defer.DeferredSemaphore(1)
-        self._retries: dict[str, object] = {}
+        self._retries: dict[str, tuple[object, Callable, CallSpool]] = {}
         self._uploading = 0
         self._in_flight: set[defer.Deferred] = set()
         self._idle_waiters: list[defer.Deferred] = []
         self._stopping = False
         self._rescan = None
+        self._retry_poll = None
+        self._retry_seen: int | None = None
+        #: entry path -> (entry, why): entries that need an operator (or a fix).
+        self.set_aside: dict[str, tuple[CallSpool, str]] = {}
+        self._trouble: dict[str, list] = {}  # entry path -> [kind, logged at, not logged since]
+        self._store_failing: tuple[float, str] | None = None  # since, last reason
+        self._disk_failing: str | None = None  # a file-system-wide error finalizing
+        self.spool_min_free = SPOOL_MIN_FREE_BYTES
+        self.metrics.gauges["evrecorder_spool_set_aside"] = lambda: len(self.set_aside)
 
     # -- threads ---------------------------------------------------------
 
@@ -133,19 +221,81 @@ class Archiver(service.Service):
                 store=self.store.describe(), reason=_sentence(f.value),
             ),
         ))
+        self._retry_seen = self._retry_stamp()
         self.recover()
         self._rescan = self._reactor.callLater(RESCAN_SECONDS, self._rescan_spool)
+        self._retry_poll = self._reactor.callLater(RETRY_POLL_SECONDS, self._poll_retry_file)
 
     def _rescan_spool(self) -> None:
         """Recover again now and then: a sibling sharing the spool may have died
-        (or stopped) and left calls and uploads that nobody holds."""
+        (or stopped) and left calls and uploads that nobody holds; and what was
+        set aside gets another try."""
         self._rescan = None
         try:
+            self.retry_set_aside()
             self.recover()
         except Exception:
             log.failure("scanning the spool failed")
         if self.running and not self._stopping:
             self._rescan = self._reactor.callLater(RESCAN_SECONDS, self._rescan_spool)
+
+    def _retry_stamp(self) -> int | None:
+        try:
+            return os.stat(os.path.join(self.spool.root, RETRY_FILE)).st_mtime_ns
+        except OSError:
+            return None
+
+    def _poll_retry_file(self) -> None:
+        """An operator touched ``<spool>/retry``: try everything now.  (Its time
+        is compared, so every process sharing the spool sees it.)
+
+        ``retry`` may also be a directory of request files, one per entry (what
+        a tool may write): a new file changes the directory's time the same
+        way.  Everything is retried, and the requests seen are removed.
+        """
+        self._retry_poll = None
+        stamp = self._retry_stamp()
+        if stamp is not None and stamp != self._retry_seen:
+            self._retry_seen = stamp
+            path = os.path.join(self.spool.root, RETRY_FILE)
+            log.info(
+                "{path} was touched: retrying {n} entries set aside and {m} waiting for "
+                "their next attempt", path=path, n=len(self.set_aside), m=len(self._retries),
+            )
+            try:
+                self.retry_now()
+            except Exception:
+                log.failure("retrying on request failed")
+            if os.path.isdir(path):
+                for name in os.listdir(path):
+                    try:
+                        os.unlink(os.path.join(path, name))
+                    except OSError:
+                        pass  # a sibling took it, or it is not a file
+                self._retry_seen = self._retry_stamp()
+        if self.running and not self._stopping:
+            self._retry_poll = self._reactor.callLater(RETRY_POLL_SECONDS, self._poll_retry_file)
+
+    def retry_now(self) -> None:
+        """Everything set aside or waiting for a retry is tried now; the spool is rescanned."""
+        self.retry_set_aside()
+        for path, (call, again, entry) in list(self._retries.items()):
+            if call.active():
+                call.cancel()
+            del self._retries[path]
+            self._attempts.pop(path, None)  # a fresh start of the backoff
+            again(entry)
+        self.recover()
+
+    def retry_set_aside(self) -> None:
+        """Try every entry that was set aside again (it stays held by this process)."""
+        for path, (entry, _) in list(self.set_aside.items()):
+            del self.set_aside[path]
+            self._attempts.pop(path, None)
+            if not os.path.isdir(entry.path):
+                self._forget(entry)
+                continue
+            self.finalize(entry)  # queues it if it is finalized
 
     def recover(self) -> None:
         """Queue finalized spool entries; finalize the ones a crash left.
@@ -183,17 +333,17 @@ class Archiver(service.Service):
                     "recovering {entry}: a call left unfinished by a crash or kill",
                     entry=os.path.basename(entry.path),
                 )
-            else:
-                entry.remove()  # created but crashed before the header: holds no audio
-                continue
+            # Without a header: finalize() says what it found (audio to recover,
+            # nothing at all, or damage).
             self.finalize(entry)  # queues a finalized entry as it is
 
     @defer.inlineCallbacks
     def stopService(self):
-        if self._rescan is not None and self._rescan.active():
-            self._rescan.cancel()
-        self._rescan = None
-        for call in list(self._retries.values()):
+        for call in (self._rescan, self._retry_poll):
+            if call is not None and call.active():
+                call.cancel()
+        self._rescan = self._retry_poll = None
+        for call, _, _ in list(self._retries.values()):
             if call.active():
                 call.cancel()
         self._retries.clear()
@@ -225,6 +375,7 @@ class Archiver(service.Service):
     # -- finalize --------------------------------------------------------
 
     def finalize(self, entry: CallSpool) -> defer.Deferred:
+        self.set_aside.pop(entry.path, None)
         if entry.finalized:
             # A retry after the sidecar was written (its cleanup failed):
             # never rebuild a recording from what is left.
@@ -233,40 +384,188 @@ class Archiver(service.Service):
         self._waiting_since.setdefault(entry.path, self._reactor.seconds())
         # One at a time: when many calls end together, parallel finalizations
         # only fight the reactor thread for the GIL and the disk.
-        d = self._finalizing.run(self._blocking, finalize, entry, self.settings)
+        d = self._finalizing.run(self._blocking, self._finalize_entry, entry)
+        d.addCallbacks(self._finalized, self._failed, callbackArgs=(entry,),
+                       errbackArgs=(entry, "finalize"))
+        return self._track(d)
 
-        def finalized(sidecar):
-            self._attempts.pop(entry.path, None)  # uploads count their own attempts
-            self.metrics.call_finalized(sidecar)
-            log.info(
-                "finalized {call_id}/{session_id}: {seconds:.1f} s, endReason {reason}",
-                call_id=sidecar["callId"], session_id=sidecar["sessionId"],
-                seconds=sidecar["audio"]["durationSeconds"], reason=sidecar["endReason"],
-            )
-            self._enqueue(entry)
+    def _finalize_entry(self, entry: CallSpool, detail: str | None = None) -> tuple[str, object]:
+        """In the pool: finalize, recover or set aside what the entry holds.
 
-        def failed(f):
-            delay = self._backoff(entry)
-            attempt = self._attempts[entry.path]
-            if attempt >= MAX_FINALIZE_ATTEMPTS:
-                # Left for the operator and the next start; kept out of the
-                # queue age so one bad entry cannot fail /readyz for good.
-                self._waiting_since.pop(entry.path, None)
-                self.metrics.finalize_failures.inc()
-                log.failure(
-                    "finalizing {entry} failed {attempt} times; it stays in the spool, set "
-                    "aside until the next start",
-                    f, entry=entry.path, attempt=attempt,
+        Returns what was done: ``("finalized", sidecar)``, ``("rebuilt",
+        sidecar)`` (a sidecar made from the WAV alone), ``("removed", None)``
+        (it held nothing), ``("quarantined", (why, where))`` or ``("gone", None)``.
+        """
+        if not os.path.isdir(entry.path):
+            return "gone", None
+        try:
+            audio = salvage.audio_files(entry)
+            if not audio and os.path.exists(os.path.join(entry.path, WAV_FILE)):
+                # The frames went into the WAV, and the sidecar is lost: never
+                # finalize again from nothing (it would write an empty WAV).
+                return "rebuilt", salvage.rebuild_sidecar(
+                    entry, self.settings, detail or "the sidecar was lost; rebuilt from the WAV"
                 )
-                return
-            log.failure(
-                "finalizing {entry} failed (attempt {attempt}); it stays in the spool and is "
-                "tried again in {delay:.1f} s",
-                f, entry=entry.path, attempt=attempt, delay=delay,
-            )
-            self._later(delay, self.finalize, entry)
+            header = salvage.read_header(entry)
+            if header is None:
+                if not audio:
+                    if not entry.has_header and salvage.holds_nothing(entry):
+                        entry.remove()  # created but crashed before the header: no audio
+                        return "removed", None
+                    raise salvage.Damaged("its call.json cannot be read and it holds no audio")
+                header = salvage.restore_header(entry)
+            try:
+                sidecar = finalize(entry, self.settings)
+            except BaseException:
+                try:
+                    salvage.discard_scratch(entry)
+                except OSError:
+                    pass
+                raise
+            if header.get("damage"):
+                left = salvage.audio_files(entry)
+                if left:
+                    # A header rebuilt by us, and audio this finalize did not
+                    # take (a format it does not know): publishing would delete it.
+                    salvage.set_damaged_sidecar_aside(entry)
+                    raise RuntimeError(
+                        f"finalizing it from a rebuilt header left {', '.join(left)} unread"
+                    )
+                sidecar = salvage.mark_recovered(entry, sidecar, header["damage"])
+            return "finalized", sidecar
+        except salvage.Damaged as e:
+            where = salvage.quarantine(self.spool.root, entry, str(e))
+            entry.unlock()
+            return "quarantined", (str(e), where)
 
-        return self._track(d.addCallbacks(finalized, failed))
+    def _finalized(self, result: tuple[str, object], entry: CallSpool) -> None:
+        done, value = result
+        name = os.path.basename(entry.path)
+        if self._disk_failing is not None:
+            self._disk_failing = None  # the spool takes writes again:
+            self._wake(self.finalize)  # the calls that waited for it need not wait more
+        self._attempts.pop(entry.path, None)  # uploads count their own attempts
+        self._trouble.pop(entry.path, None)
+        if done in ("finalized", "rebuilt"):
+            sidecar = value
+            damage = sidecar.get("damage")
+            if done == "finalized":
+                try:
+                    self.metrics.call_finalized(sidecar)
+                except (KeyError, TypeError):
+                    pass  # a sidecar without per-perspective counts
+                log.info(
+                    "finalized {call_id}/{session_id}: {seconds:.1f} s, endReason {reason}",
+                    call_id=sidecar["callId"], session_id=sidecar["sessionId"],
+                    seconds=sidecar["audio"]["durationSeconds"], reason=sidecar["endReason"],
+                )
+            if damage:
+                self.metrics.salvaged.labels("sidecar" if done == "rebuilt" else "header").inc()
+                log.error(
+                    "{entry} was damaged: {detail}. Its recording is archived incomplete "
+                    "(endReason {reason}), and its sidecar says so (\"damage\").",
+                    entry=name, detail=damage.get("detail"), reason=sidecar["endReason"],
+                )
+            self._enqueue(entry)
+        elif done == "removed":
+            self._forget(entry)
+            log.info("removed {entry} from the spool: a call that crashed before it "
+                     "held anything", entry=name)
+        elif done == "quarantined":
+            self._forget(entry)
+            why, where = value
+            self.metrics.quarantined.inc()
+            log.error(
+                "{entry} cannot be recovered ({why}); it is moved, whole, to {where} for "
+                "an operator", entry=name, why=why, where=where,
+            )
+        else:
+            self._forget(entry)
+
+    def _forget(self, entry: CallSpool) -> None:
+        for books in (self._attempts, self._waiting_since, self._trouble, self.set_aside):
+            books.pop(entry.path, None)
+
+    # -- failures --------------------------------------------------------
+
+    def _failed(self, f, entry: CallSpool, stage: str) -> None:
+        """A finalize or a publish failed: retry, repair or set aside."""
+        if stage == "publish":
+            self.metrics.archive_failures.inc()
+        name = os.path.basename(entry.path)
+        if not os.path.isdir(entry.path):
+            self._forget(entry)  # removed meanwhile (by an operator): nothing to do
+            entry.unlock()
+            return
+        kind, permanent = _kind(f)
+        if kind in ("sidecar", "checksum"):
+            self._repair(entry, _sentence(f.value))
+            return
+        if isinstance(f.value, StoreError) and not f.value.spooled:
+            since = self._store_failing[0] if self._store_failing else self._reactor.seconds()
+            self._store_failing = (since, _sentence(f.value))
+        if stage == "finalize" and isinstance(f.value, OSError) and \
+                f.value.errno in FILESYSTEM_ERRNOS:
+            self._disk_failing = _sentence(f.value)
+        if permanent:
+            self.set_aside[entry.path] = (entry, f"{kind}: {_sentence(f.value)}")
+            # Out of the queue age: one entry that needs an operator must
+            # not fail /readyz for good.
+            self._waiting_since.pop(entry.path, None)
+            self.metrics.finalize_failures.inc()
+            skipped = self._should_log(entry, kind)
+            if skipped is not None:
+                emit = log.failure if kind == "unexpected" else log.error
+                kw = {"failure": f} if kind == "unexpected" else {}
+                emit(
+                    "{stage} {entry} failed: {reason}. It is set aside in the spool, "
+                    "untouched, and tried again every {rescan:.0f} s, at the next start and "
+                    "when {retry_file} is touched",
+                    stage="finalizing" if stage == "finalize" else "archiving", entry=name,
+                    reason=_sentence(f.value), rescan=RESCAN_SECONDS,
+                    retry_file=os.path.join(self.spool.root, RETRY_FILE), **kw,
+                )
+            return
+        delay = self._backoff(entry)
+        skipped = self._should_log(entry, kind)
+        if skipped is not None:
+            if stage == "finalize":
+                emit = log.error  # our disk
+            else:
+                emit = log.warn if isinstance(f.value, StoreError) else log.error
+            emit(
+                "{stage} {entry} failed (attempt {attempt}), retrying in {delay:.1f} s: "
+                "{reason}{repeats}",
+                stage="finalizing" if stage == "finalize" else "archiving", entry=name,
+                attempt=self._attempts[entry.path], delay=delay, reason=_sentence(f.value),
+                repeats=f" ({skipped} more failures like it since the last line)"
+                if skipped else "",
+            )
+        self._later(delay, self.finalize if stage == "finalize" else self._enqueue, entry)
+
+    def _should_log(self, entry: CallSpool, kind: str) -> int | None:
+        """None to stay quiet; else how many failures of this kind went unlogged."""
+        now = self._reactor.seconds()
+        seen = self._trouble.get(entry.path)
+        if seen is not None and seen[0] == kind and now - seen[1] < LOG_EVERY_SECONDS:
+            seen[2] += 1
+            return None
+        skipped = seen[2] if seen is not None and seen[0] == kind else 0
+        self._trouble[entry.path] = [kind, now, 0]
+        return skipped
+
+    def _repair(self, entry: CallSpool, why: str) -> None:
+        """A finalized entry whose sidecar or recording is damaged: finalize it
+        again from its frames, or rebuild the sidecar from the WAV, or quarantine."""
+
+        def repair():
+            salvage.set_damaged_sidecar_aside(entry)
+            return self._finalize_entry(entry, detail=f"{why}; the sidecar was rebuilt from the WAV")
+
+        log.error("{entry}: {why}; repairing it", entry=os.path.basename(entry.path), why=why)
+        d = self._finalizing.run(self._blocking, repair)
+        self._track(d.addCallbacks(self._finalized, self._failed, callbackArgs=(entry,),
+                                   errbackArgs=(entry, "finalize")))
 
     # -- upload queue ----------------------------------------------------
 
@@ -288,19 +587,55 @@ class Archiver(service.Service):
         self._pump()
         self._check_idle()
 
+    def _publish_item(self, sidecar: dict, item: PublishItem) -> tuple[str, str | None]:
+        """In the pool: publish; under the fallback key when the store refuses the key.
+        Returns the key used and why the fallback was needed (or None)."""
+        try:
+            return self.store.publish(item), None
+        except StoreError as e:
+            if not e.permanent:
+                raise
+            refused = e
+        wanted, item.key = item.key, fallback_key(sidecar)
+        sidecar["keyFallback"] = {"key": wanted, "reason": _sentence(refused)}
+        try:
+            return self.store.publish(item), _sentence(refused)
+        except StoreError as e:
+            # The fallback key too: the key was not the problem after all.
+            raise StoreError(
+                f"{_sentence(e)} (under the fallback key {item.key}, after the store "
+                f"refused {wanted}: {_sentence(refused)})", spooled=e.spooled,
+            ) from e
+
     def _upload(self, entry: CallSpool) -> defer.Deferred:
         started = self._reactor.seconds()
 
         def publish():
+            if not os.path.isdir(entry.path):
+                return None
             sidecar, item = _load_item(entry, self._reactor.seconds)
-            key = self.store.publish(item)
+            key, fallback = self._publish_item(sidecar, item)
             entry.remove()
-            return sidecar, key
+            return sidecar, key, fallback
 
         def published(result):
-            sidecar, key = result
-            self._attempts.pop(entry.path, None)
-            self._waiting_since.pop(entry.path, None)
+            if result is None:
+                self._forget(entry)
+                entry.unlock()
+                return
+            if self._store_failing is not None:
+                self._store_failing = None
+                self._wake(self._enqueue)  # the store is back: the rest follows now
+            sidecar, key, fallback = result
+            self._forget(entry)
+            if fallback is not None:
+                self.metrics.key_fallbacks.inc()
+                log.error(
+                    "the archive store refused the key {wanted} of {call_id}/{session_id}: "
+                    "{reason}. It is archived as {key} instead (the sidecar's keyFallback "
+                    "says so).", wanted=sidecar["keyFallback"]["key"], reason=fallback,
+                    call_id=sidecar["callId"], session_id=sidecar["sessionId"], key=key,
+                )
             self.metrics.archived.labels(sidecar["endReason"]).inc()
             self.metrics.upload_seconds.observe(self._reactor.seconds() - started)
             agent, caller = sidecar["perspectives"]["Participant"], sidecar["perspectives"]["Conference"]
@@ -311,31 +646,21 @@ class Archiver(service.Service):
                 call_id=sidecar["callId"], session_id=sidecar["sessionId"],
                 store=self.store.describe(), key=key, seconds=sidecar["audio"]["durationSeconds"],
                 nbytes=sidecar["audio"]["bytes"], reason=sidecar["endReason"],
-                agent_frames=agent["frames"], agent_missing=agent["missing"],
-                caller_frames=caller["frames"], caller_missing=caller["missing"],
+                # A sidecar rebuilt from the WAV has lost the counts.
+                agent_frames=agent.get("frames"), agent_missing=agent.get("missing"),
+                caller_frames=caller.get("frames"), caller_missing=caller.get("missing"),
             )
 
-        def failed(f):
-            self.metrics.archive_failures.inc()
-            delay = self._backoff(entry)
-            emit = log.warn if f.check(StoreError) else log.failure
-            kw = {} if f.check(StoreError) else {"failure": f}
-            emit(
-                "archiving {entry} failed (attempt {attempt}), retrying in {delay:.1f} s: "
-                "{reason}",
-                entry=os.path.basename(entry.path), attempt=self._attempts[entry.path],
-                delay=delay, reason=_sentence(f.value), **kw,
-            )
-            self._later(delay, self._enqueue, entry)
-
-        return self._blocking(publish).addCallbacks(published, failed)
+        return self._blocking(publish).addCallbacks(
+            published, self._failed, errbackArgs=(entry, "publish")
+        )
 
     def _backoff(self, entry: CallSpool) -> float:
         """Count a failed attempt; the delay before the next one."""
         attempt = self._attempts.get(entry.path, 0) + 1
         self._attempts[entry.path] = attempt
         s = self.settings
-        delay = min(s.retry_max, s.retry_initial * 2 ** (attempt - 1))
+        delay = min(s.retry_max, s.retry_initial * 2 ** min(attempt - 1, 60))
         return delay * random.uniform(0.5, 1.0)  # jitter: no thundering herd after an outage
 
     def _later(self, delay: float, f, entry: CallSpool) -> None:
@@ -347,17 +672,56 @@ class Archiver(service.Service):
             self._retries.pop(entry.path, None)
             f(entry)
 
-        self._retries[entry.path] = self._reactor.callLater(delay, again)
+        self._retries[entry.path] = (self._reactor.callLater(delay, again), f, entry)
+
+    def _wake(self, f) -> None:
+        """Bring the retries of ``f`` forward to within ``retry_initial`` (jittered):
+        what they waited for works again."""
+        for path, (call, again, entry) in list(self._retries.items()):
+            if again == f and call.active() and \
+                    call.getTime() - self._reactor.seconds() > self.settings.retry_initial:
+                call.reset(random.uniform(0, self.settings.retry_initial))
 
     @property
     def queue_depth(self) -> int:
-        """Finished calls not yet confirmed by the store."""
+        """Finished calls not yet confirmed by the store (not counting those set aside)."""
         return len(self._waiting_since)
 
     def oldest_age(self) -> float:
         if not self._waiting_since:
             return 0.0
         return self._reactor.seconds() - min(self._waiting_since.values())
+
+    # -- readiness -------------------------------------------------------
+
+    def not_ready(self) -> str | None:
+        """Why this recorder cannot take and archive calls now, or None.
+
+        The store has failed every publish for longer than
+        ``ready_max_queue_age``; or the spool is read-only, not writable, has
+        less than :attr:`spool_min_free` bytes free, or finalizing failed
+        with a full disk or quota since the last success.  One entry that
+        needs an operator does not count (see :attr:`set_aside`).
+        """
+        if self._store_failing is not None and self._waiting_since:
+            since, reason = self._store_failing
+            age = self._reactor.seconds() - since
+            if age > self.settings.ready_max_queue_age:
+                return f"the archive store has failed for {age:.0f} s: {reason}"
+        try:
+            fs = os.statvfs(self.spool.root)
+        except OSError as e:
+            return f"the spool {self.spool.root} cannot be read: {_sentence(e)}"
+        if fs.f_flag & os.ST_RDONLY:
+            return f"the spool {self.spool.root} is on a read-only file system"
+        free = fs.f_bavail * fs.f_frsize
+        if free < self.spool_min_free:
+            return f"the spool {self.spool.root} is full ({free // 1024} KiB free)"
+        if not os.access(self.spool.calls_dir, os.W_OK | os.X_OK):
+            return f"the spool {self.spool.calls_dir} is not writable"
+        if self._disk_failing is not None and self._waiting_since:
+            return f"finalizing calls fails: {self._disk_failing}"
+        return None
 
 
 def _sentence(exc: BaseException) -> str:

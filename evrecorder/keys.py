@@ -10,10 +10,20 @@ digits, ``.``, ``_``, ``-`` and ``=`` becomes ``_``, and a value may not be
 ``.`` or ``..``; so a callId such as ``../../etc`` can never leave the
 archive.  The slashes of the template itself are kept.  A field the call does
 not have becomes ``unknown``.
+
+Every key is bounded, whatever the call sends: a field longer than
+:data:`FIELD_MAX` characters becomes its first 63 characters, ``_`` and 16 hex
+digits of the SHA-256 of the whole value (so distinct ids stay distinct keys);
+a path part longer than :data:`PART_MAX` and a key longer than
+:data:`KEY_MAX` are cut the same way.  That keeps each part far below the
+255 bytes of a file name and the key (plus a ``-N`` collision suffix, the
+``.wav``/``.json`` extension and an S3 prefix of up to 200 bytes) below S3's
+1,024 bytes.  Keys are ASCII, so characters are bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import string
 from datetime import datetime, timezone
@@ -21,6 +31,24 @@ from datetime import datetime, timezone
 DEFAULT_TEMPLATE = "{start:%Y/%m/%d}/{callId}-{sessionId}"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
+
+#: Longest field value kept as it is (a longer one is cut and hashed).
+FIELD_MAX = 80
+#: Longest path part of a key (between slashes).
+PART_MAX = 200
+#: Longest key (without extension, collision suffix or store prefix).
+KEY_MAX = 800
+_HASH_CHARS = 16
+
+
+def bound(text: str, limit: int, whole: str | None = None) -> str:
+    """``text`` if it fits ``limit``; else a prefix, ``_`` and 16 hex digits of the
+    SHA-256 of ``whole`` (default ``text``), ``limit`` characters in all."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256((text if whole is None else whole).encode("utf-8", "surrogatepass"))
+    keep = limit - _HASH_CHARS - 1
+    return text[:keep] + "_" + digest.hexdigest()[:_HASH_CHARS]
 
 
 class _Formatter(string.Formatter):
@@ -38,9 +66,14 @@ class _Formatter(string.Formatter):
             parts = [text]
         safe = []
         for part in parts:
+            original = part
             part = _UNSAFE.sub("_", part)
             if part in ("", ".", ".."):
                 part = part.replace(".", "_") or "_"
+            if not isinstance(value, datetime):
+                # Hashed from the value as given: ids that differ only in
+                # characters made "_" still get distinct keys.
+                part = bound(part, FIELD_MAX, whole=original)
             safe.append(part)
         return "/".join(safe)
 
@@ -80,8 +113,9 @@ def key_fields(metadata: dict, query: dict, start: float) -> dict:
 
 def format_key(template: str, fields: dict) -> str:
     key = _FORMATTER.format(template, **fields)
-    parts = [p for p in key.split("/") if p not in ("", ".", "..")]
-    return "/".join(parts) or "unknown"
+    parts = [bound(p, PART_MAX) for p in key.split("/") if p not in ("", ".", "..")]
+    key = "/".join(parts) or "unknown"
+    return bound(key, KEY_MAX)
 
 
 def check_template(template: str) -> None:

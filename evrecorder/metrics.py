@@ -66,7 +66,24 @@ class Metrics:
         )
         self.finalize_failures = Counter(
             "evrecorder_finalize_set_aside",
-            "Spool entries that failed to finalize repeatedly and wait for the next start.",
+            "Times a spool entry was set aside for an operator (an unexpected failure); "
+            "each is tried again at every rescan.",
+            registry=self.registry,
+        )
+        self.quarantined = Counter(
+            "evrecorder_spool_quarantined",
+            "Damaged spool entries that could not be recovered, moved to <spool>/quarantine/.",
+            registry=self.registry,
+        )
+        self.salvaged = Counter(
+            "evrecorder_spool_salvaged",
+            "Damaged spool entries recovered: a lost header (header) or a sidecar rebuilt "
+            "from the WAV (sidecar).", ["damage"],
+            registry=self.registry,
+        )
+        self.key_fallbacks = Counter(
+            "evrecorder_archive_key_fallbacks",
+            "Recordings archived under unkeyed/... because the store refused their key.",
             registry=self.registry,
         )
         self.upload_seconds = Histogram(
@@ -156,6 +173,7 @@ _GAUGE_DOCS = {
     "evrecorder_upload_queue_depth": "Finished calls not yet confirmed by the archive.",
     "evrecorder_upload_oldest_age_seconds": "Age of the oldest unconfirmed finished call.",
     "evrecorder_draining": "1 while the recorder drains for shutdown.",
+    "evrecorder_spool_set_aside": "Spool entries set aside for an operator (not in /readyz).",
 }
 
 

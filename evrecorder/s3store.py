@@ -73,6 +73,17 @@ _DENIED_CODES = {
     "InvalidClientTokenId",
 }
 
+#: S3's limit on an object key, in UTF-8 bytes.
+MAX_OBJECT_KEY_BYTES = 1024
+
+#: Error codes that refuse the object's *key*: that publish can never succeed
+#: as it is (a fallback key can).  Every other error is taken as one that may
+#: pass: outages, throttling, 5xx, timeouts, and also access denied, a missing
+#: bucket and other 400s (InvalidArgument, InvalidRequest ...), which are the
+#: configuration's (SSE, storage class, IAM) and fixed by an operator, not by
+#: another key.
+_KEY_REFUSED_CODES = {"KeyTooLongError", "InvalidObjectName", "InvalidURI", "414"}
+
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"\)]+)")
 _MULTIPART_ETAG = re.compile(r"-(\d+)\"?$")
 
@@ -208,13 +219,24 @@ class S3Store:
         of the whole file for a single PUT, of the parts' digests (a composite
         checksum) for a multipart upload with our part layout.
         """
+        longest = self._object_key(f"{item.key}-{MAX_KEY_SUFFIX + 1}.json")
+        if len(longest.encode("utf-8")) > MAX_OBJECT_KEY_BYTES:
+            # S3 would answer KeyTooLongError; S3-compatible servers may not
+            # check, but the key would not be portable.
+            raise StoreError(
+                f"the object key {self._object_key(item.key)}.wav is longer than S3's "
+                f"{MAX_OBJECT_KEY_BYTES} bytes", permanent=True,
+            )
         try:
             return self._publish(item)
         except (ClientError, BotoCoreError, S3UploadFailedError) as e:
-            raise StoreError(self._sentence(e)) from e
+            error = _client_error(e)
+            refused = error is not None and _code(error) in _KEY_REFUSED_CODES
+            raise StoreError(self._sentence(e), permanent=refused) from e
         except OSError as e:
             raise StoreError(
-                f"reading the spooled recording {item.wav_path} failed: {e.strerror or e}"
+                f"reading the spooled recording {item.wav_path} failed: {e.strerror or e}",
+                spooled=True,
             ) from e
 
     # -- publishing ---------------------------------------------------------
@@ -247,7 +269,9 @@ class S3Store:
             self._ensure_retention(wav, head)
             self._publish_sidecar(key, item)
             return key
-        raise StoreError(f"more than {MAX_KEY_SUFFIX} different recordings at {item.key}")
+        raise StoreError(
+            f"more than {MAX_KEY_SUFFIX} different recordings at {item.key}", permanent=True
+        )
 
     def _object_key(self, name: str) -> str:
         if not self.prefix or self.prefix.endswith("/"):
@@ -278,7 +302,8 @@ class S3Store:
                     parts += 1
         if whole.hexdigest() != item.wav_sha256:
             raise StoreError(
-                f"the spooled recording {item.wav_path} does not match its SHA-256"
+                f"the spooled recording {item.wav_path} does not match its SHA-256",
+                spooled=True,
             )
         composite = None
         if part_digests:

@@ -218,10 +218,9 @@ class RecorderService(service.MultiService):
         """Why this recorder should get no new calls now, or None."""
         if self.factory.draining:
             return "draining"
-        age = self.archiver.oldest_age()
-        if age > self.settings.ready_max_queue_age:
-            return f"the oldest unarchived recording has waited {age:.0f} s"
-        return None
+        # The store failing for a while, or a spool that cannot take calls;
+        # not one entry set aside for an operator (a metric and the log say those).
+        return self.archiver.not_ready()
 
     def _call_ended(self, call) -> None:
         self.archiver.finalize(call.spool)

@@ -40,7 +40,7 @@ class Settings:
     max_calls: int = 2000
     """Most calls in progress at once; a new call beyond it is refused (503 / 1013)."""
     ready_max_queue_age: float = 600.0
-    """/readyz fails when the oldest unconfirmed recording is older than this."""
+    """/readyz fails when the archive store has failed every publish for this long."""
     log_phone_numbers: bool = False
     reuse_port: bool = False
     """Listen with SO_REUSEPORT: several processes (sharing the spool) on one port."""

@@ -35,7 +35,9 @@ Each call is a directory ``<spool>/calls/<name>/``:
     its presence means "finalized: upload me".  The directory is deleted only
     after the store confirmed both objects.
 
-A truncated last record or line (``kill -9`` mid-write) is ignored on reading.
+A truncated last record or line (``kill -9`` mid-write) is ignored on reading,
+and so is an event line a full disk cut short (the next one starts on a line
+of its own).
 
 Several recorder processes may share one spool (``--reuse-port``).  Whoever
 works on an entry (records it, finalizes it, publishes it) holds an exclusive
@@ -80,7 +82,66 @@ DELETING_PREFIX = ".deleting-"
 NEW_PREFIX = ".new-"
 FLUSH_BYTES = 32 * 1024
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: Characters of an id kept as they are in an entry's name; others are escaped.
+_NAME_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-")
+NAME_CALL_ID_MAX = 96
+NAME_SESSION_ID_MAX = 48
+_NAME = re.compile(r"^(\d+)-[0-9a-f]{8}(?:-\d+)?\+([^+]*)\+([^+]*)$")
+
+
+def _name_part(value: str, limit: int) -> str:
+    """``value`` escaped for a file name (``_HH`` per UTF-8 byte of any other
+    character than letters, digits, ``.`` and ``-``), whole characters only,
+    at most ``limit`` characters; ``~`` at the end says it was cut."""
+    out: list[str] = []
+    used = 0
+    for ch in value:
+        piece = ch if ch in _NAME_SAFE else "".join(
+            "_%02X" % b for b in ch.encode("utf-8", "surrogatepass")
+        )
+        if used + len(piece) > limit - 1:
+            out.append("~")
+            break
+        out.append(piece)
+        used += len(piece)
+    return "".join(out)
+
+
+def _unescape(part: str) -> str:
+    data = bytearray()
+    i = 0
+    while i < len(part):
+        if part[i] == "_":  # ValueError when not followed by two hex digits
+            data += bytes.fromhex(part[i + 1 : i + 3])
+            i += 3
+        else:
+            data += part[i].encode()
+            i += 1
+    return data.decode("utf-8", "replace")
+
+
+def ids_from_name(name: str) -> dict:
+    """What an entry's directory name says of its call: ``callId``, ``sessionId``,
+    ``connectedAt`` and ``idsComplete`` (False when an id was cut, or the name
+    is of an older version, which kept only a sanitized prefix of each)."""
+    found = _NAME.match(name)
+    if found:
+        stamp, call, session = found.groups()
+        complete = not call.endswith("~") and not session.endswith("~")
+        try:
+            call_id, session_id = _unescape(call.rstrip("~")), _unescape(session.rstrip("~"))
+        except ValueError:
+            call_id, session_id, complete = call, session, False
+        return {"callId": call_id, "sessionId": session_id,
+                "connectedAt": int(stamp) / 1000, "idsComplete": complete}
+    # Before this version: <ms>-<callId[:64]>-<sessionId[:32]>-<hash>[-n], sanitized.
+    stamp, _, rest = name.partition("-")
+    rest = re.sub(r"-[0-9a-f]{8}(?:-\d+)?$", "", rest)
+    call_id, _, session_id = rest.rpartition("-")
+    return {
+        "callId": call_id or rest or name, "sessionId": session_id if call_id else "unknown",
+        "connectedAt": int(stamp) / 1000 if stamp.isdigit() else None, "idsComplete": False,
+    }
 
 
 def write_json_atomic(path: str, obj: object, fsync: bool = True) -> None:
@@ -111,6 +172,7 @@ class CallSpool:
         self._frames_file = CALL_FRAMES_FILE  # CHUNKS_FILE for a gRPC dialog
         self._pending = bytearray()
         self._events_fd: int | None = None
+        self._events_torn = False
         self._lock_fd: int | None = None
 
     # -- ownership ---------------------------------------------------------
@@ -237,8 +299,15 @@ class CallSpool:
                 os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                 0o640,
             )
-        line = json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n"
-        os.write(self._events_fd, line.encode("utf-8"))
+        data = (json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        if self._events_torn:
+            data = b"\n" + data  # after a torn line, start a line of our own
+        self._events_torn = True
+        while data:
+            # A full disk may take part of a line and then fail: that line is
+            # torn (and skipped on reading), never glued to the next one.
+            data = data[os.write(self._events_fd, data):]
+        self._events_torn = False
 
     def close(self) -> None:
         try:
@@ -271,7 +340,9 @@ class CallSpool:
             try:
                 events.append(json.loads(line))
             except ValueError:
-                break  # a line cut by a crash: nothing after it was written
+                # A line cut by a crash (the last), or by a full disk (the
+                # next line starts afresh): skipped.
+                continue
         return events
 
     def read_frames(self, perspective: str, chunk: int = 1 << 16) -> Iterator[tuple[int, bytes]]:
@@ -360,13 +431,21 @@ class Spool:
 
     def new_call(self, call_id: str, session_id: str, started: float) -> CallSpool:
         """A fresh directory name for a call; unique even for a repeated call key.
-        (:meth:`CallSpool.create` makes it.)"""
-        base = "{}-{}".format(_UNSAFE.sub("_", call_id)[:64], _UNSAFE.sub("_", session_id)[:32])
-        digest = hashlib.sha256(f"{call_id}\0{session_id}".encode()).hexdigest()[:8]
+        (:meth:`CallSpool.create` makes it.)
+
+        The name is ``<ms>-<hash>[-<n>]+<callId>+<sessionId>``, the ids escaped
+        reversibly (:func:`_name_part`) and cut at a bound, so it stays far below
+        the 255 bytes of a file name whatever the ids, and an entry whose
+        ``call.json`` is lost still says whose call it holds (:func:`ids_from_name`).
+        """
+        digest = hashlib.sha256(f"{call_id}\0{session_id}".encode("utf-8", "surrogatepass"))
+        ids = "+{}+{}".format(
+            _name_part(str(call_id), NAME_CALL_ID_MAX), _name_part(str(session_id), NAME_SESSION_ID_MAX)
+        )
         stamp = int(started * 1000)
         n = 0
         while True:
-            name = f"{stamp}-{base}-{digest}" + (f"-{n}" if n else "")
+            name = f"{stamp}-{digest.hexdigest()[:8]}" + (f"-{n}" if n else "") + ids
             path = os.path.join(self.calls_dir, name)
             if not os.path.exists(path) and not os.path.exists(
                 os.path.join(self.calls_dir, NEW_PREFIX + name)

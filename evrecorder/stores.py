@@ -15,7 +15,14 @@ Contract shared by every store:
   Whether "different" is decided by a checksum comparison (local, memory) or a
   conditional write is the store's business.
 * Failures raise :class:`StoreError` with one sentence a user understands
-  ("no such bucket 'x'", "access denied", ...).  The archiver retries forever.
+  ("no such bucket 'x'", "access denied", ...), and say whether trying again
+  can help.  Most failures can (an outage, a full disk, access denied: an
+  operator fixes those), and the archiver retries them forever.  A store that
+  refuses the *key* (too long, a name the file system or S3 will not take)
+  raises a ``permanent`` error: the archiver then publishes the recording
+  under a fallback key.  A failure to read the spooled recording, or a
+  recording that no longer matches its checksum, is ``spooled``: the spool
+  entry is at fault, not the store.
 """
 
 from __future__ import annotations
@@ -32,8 +39,24 @@ from urllib.parse import unquote, urlparse
 MAX_KEY_SUFFIX = 1000
 
 
+#: errno values a file system gives for a name it will never take.
+REFUSED_NAME_ERRNOS = frozenset(
+    {errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ, errno.ENOTDIR, errno.EISDIR}
+)
+
+
 class StoreError(Exception):
-    """An archive operation failed; ``str(err)`` is a sentence for the log."""
+    """An archive operation failed; ``str(err)`` is a sentence for the log.
+
+    ``permanent``: the store refuses this key, so the same publish can never
+    succeed (another key may).  ``spooled``: reading or verifying the spooled
+    recording failed (the spool entry's problem, not the store's).
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False, spooled: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+        self.spooled = spooled
 
 
 @dataclass
@@ -131,11 +154,18 @@ def _create_exclusive(src: str, path: str) -> None:
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            while block := f.read(1 << 20):
-                out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+                while block := f.read(1 << 20):
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            # Ours (created exclusively) and partial (a full disk): left in
+            # place, every retry would see "someone else's recording" and
+            # leave another partial file at the next key.
+            _unlink_quietly(path)
+            raise
     _fsync_dir(os.path.dirname(path))
 
 
@@ -186,7 +216,9 @@ class LocalStore:
     def _path(self, key: str, ext: str) -> str:
         path = os.path.normpath(os.path.join(self.root, key + ext))
         if not path.startswith(self.root + os.sep):
-            raise StoreError(f"the archive key {key!r} leaves the archive directory")
+            raise StoreError(
+                f"the archive key {key!r} leaves the archive directory", permanent=True
+            )
         return path
 
     def publish(self, item: PublishItem) -> str:
@@ -197,7 +229,8 @@ class LocalStore:
         except OSError as e:
             raise StoreError(
                 f"writing to the archive directory {self.root} failed: "
-                f"{e.strerror or e}"
+                f"{e.strerror or e}",
+                permanent=e.errno in REFUSED_NAME_ERRNOS,
             ) from e
 
     def _publish(self, item: PublishItem) -> str:
@@ -226,30 +259,52 @@ class LocalStore:
         finally:
             if tmp is not None:
                 _unlink_quietly(tmp)
-        raise StoreError(f"more than {MAX_KEY_SUFFIX} different recordings at {item.key}")
+        raise StoreError(
+            f"more than {MAX_KEY_SUFFIX} different recordings at {item.key}", permanent=True
+        )
 
     @staticmethod
     def _verified_copy(item: PublishItem, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)
 
         def copy(out):
-            with open(item.wav_path, "rb") as f:
-                while block := f.read(1 << 20):
+            try:
+                f = open(item.wav_path, "rb")
+            except OSError as e:
+                raise _spool_read_error(item, e) from e
+            with f:
+                while True:
+                    try:
+                        block = f.read(1 << 20)
+                    except OSError as e:
+                        raise _spool_read_error(item, e) from e
+                    if not block:
+                        break
                     out.write(block)
 
         tmp = _write_temp(directory, copy)
         if sha256_file(tmp) != item.wav_sha256:
             _unlink_quietly(tmp)
-            raise StoreError(f"the spooled {item.key}.wav does not match its checksum")
+            raise StoreError(
+                f"the spooled {item.key}.wav does not match its checksum", spooled=True
+            )
         return tmp
 
 
+def _spool_read_error(item: PublishItem, e: OSError) -> StoreError:
+    return StoreError(
+        f"reading the spooled recording {item.wav_path} failed: {e.strerror or e}", spooled=True
+    )
+
+
 class MemoryStore:
-    """A store in a dict, for tests.  ``fail_with`` makes publish raise."""
+    """A store in a dict, for tests.  ``fail_with`` makes publish raise;
+    ``refuse_key(key)`` returning a sentence makes it refuse that key (permanent)."""
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
         self.fail_with: str | None = None
+        self.refuse_key: Callable[[str], str | None] | None = None
         self.calls = 0
 
     def describe(self) -> str:
@@ -263,6 +318,9 @@ class MemoryStore:
         self.calls += 1
         if self.fail_with:
             raise StoreError(self.fail_with)
+        refused = self.refuse_key(item.key) if self.refuse_key else None
+        if refused:
+            raise StoreError(refused, permanent=True)
         with open(item.wav_path, "rb") as f:
             data = f.read()
         for key in candidate_keys(item.key):

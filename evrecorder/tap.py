@@ -69,7 +69,7 @@ class Options(usage.Options):
         ["upload-concurrency", None, 4, "Recordings published to the archive at once."],
         ["max-calls", None, 2000, "Most calls in progress; a new call beyond it gets 503."],
         ["ready-max-queue-age", None, 600.0,
-         "/readyz fails when a recording has waited this many seconds for the archive."],
+         "/readyz fails when the archive store has failed for this many seconds."],
         ["s3-endpoint-url", None, None, "S3-compatible endpoint (MinIO, Ceph...); AWS when unset."],
         ["s3-region", None, None, "S3 region."],
         ["sse", None, None, "Server-side encryption: AES256 or aws:kms."],

@@ -424,8 +424,8 @@ def test_racing_publishes_of_different_recordings_keep_both(tmp_path):
             f.unlink()
 
 
-def test_a_spool_entry_that_cannot_be_finalized_is_retried_then_set_aside(tmp_path):
-    """A finalize failure is retried with backoff, then set aside (kept on disk, out of readiness)."""
+def test_a_spool_entry_that_cannot_be_read_and_holds_no_audio_is_quarantined(tmp_path):
+    """A garbled call.json without audio is moved whole to <spool>/quarantine/, never deleted."""
     from evrecorder.archiver import Archiver
     from evrecorder.stores import MemoryStore
     from twisted.internet import defer
@@ -441,16 +441,13 @@ def test_a_spool_entry_that_cannot_be_finalized_is_retried_then_set_aside(tmp_pa
     archiver = Archiver(spool, MemoryStore(), settings, clock,
                         run_blocking=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
     archiver.startService()
-    assert archiver.queue_depth == 1 and archiver._attempts[broken] == 1
-    for _ in range(3):
-        clock.advance(4.0)
-    assert archiver._attempts[broken] == 4 and archiver.queue_depth == 1
-    clock.advance(4.0)
-    assert archiver._attempts[broken] == 5 and archiver.queue_depth == 0
-    assert archiver.oldest_age() == 0.0
-    clock.advance(60.0)
-    assert archiver._attempts[broken] == 5  # no more attempts until the next start
-    assert os.path.isdir(broken)  # kept for the operator, never deleted unarchived
+    assert not os.path.exists(broken) and archiver.queue_depth == 0
+    with open(os.path.join(spool.root, "quarantine", "1-broken", "call.json")) as f:
+        assert f.read() == "{not json"
+    assert archiver.metrics.quarantined._value.get() == 1
+    assert archiver.not_ready() is None  # one damaged entry does not fail /readyz
+    clock.advance(120.0)
+    assert spool.entries() == []
 
 
 def test_fast_masker_matches_autobahns_across_chunks():
