@@ -152,10 +152,8 @@ def decode(payload: bytes, codec: str) -> list[int]:
 
 def encode_ulaw(samples: list[int]) -> bytes:
     """Linear samples to mu-law with the reference encoder (Sun's g711.c, as audioop),
-    not with evrecorder's code.  (sox's encoder rounds differently at segment edges.)"""
-    ao = _audioop()
-    if ao is not None:
-        return ao.lin2ulaw(array.array("h", samples).tobytes(), 2)
+    transcribed here, not evrecorder's code.  (sox's encoder rounds differently at
+    segment edges.)"""
     ends = (0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF)
     out = bytearray()
     for s in samples:

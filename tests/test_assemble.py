@@ -477,3 +477,50 @@ def test_channel_map_caller_agent_puts_the_caller_left(tmp_path):
     _, left, right = read_wav(e.wav_path)
     assert left == decode(joined(caller), "PCMU") and right == decode(joined(agent), "PCMU")
     assert sidecar["audio"]["channelMap"] == ["caller", "agent"]
+
+
+def test_memory_stays_bounded_for_a_long_dialog(tmp_path):
+    """A 5-minute dialog (a 9.6 MB WAV, a pause, a warm-transfer overlap) finalizes in < 3 MB."""
+    import tracemalloc
+
+    e = Entry(tmp_path)
+    c = e.segment("c", "CONTACT", "contact-1")
+    a = e.segment("a", "AGENT", "agent-A")
+    b = e.segment("b", "AGENT", "agent-B", at=T0 + 150.0)
+    for k in range(3000):
+        e.chunk(c, k, T0 + k * 0.1, bytes([k % 250 + 1]) * 800)
+    for k in range(1800):
+        at = T0 + k * 0.1 + (10.0 if k >= 500 else 0.0)  # a 10 s hold at 50 s
+        e.chunk(a, k, at, bytes([(k * 3) % 250 + 1]) * 800)
+    for k in range(1500):
+        e.chunk(b, k, T0 + 150.0 + k * 0.1, bytes([(k * 5) % 250 + 1]) * 800)
+    e.write_chunks()
+    tracemalloc.start()
+    try:
+        sidecar = e.finalize()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sidecar["audio"]["durationSeconds"] == 300.0
+    assert sidecar["segments"][1]["pauses"] == [{"atSamples": 400000, "seconds": 10.0}]
+    assert sidecar["audio"]["bytes"] > 9_600_000
+    assert peak < 3_000_000, peak
+
+
+def test_g711_tables_against_independent_decoders_and_encoders():
+    """A-law decodes as audioop and sox do; block mu-law encoding (both paths) is the reference."""
+    import array
+
+    from evrecorder import g711
+    from grpc_entry import _audioop
+
+    every = bytes(range(256))
+    assert list(g711.ALAW_DECODE_TABLE) == decode(every, "PCMA") == sox_decode(every, "PCMA")
+    samples = list(range(-32768, 32768))
+    pcm = array.array("h", samples).tobytes()
+    want = encode_ulaw(samples)
+    assert g711._encode_block(pcm, None) == want
+    if _audioop() is not None:
+        assert g711._encode_block(pcm, _audioop()) == want
+    assert g711.pcm16le_block_to_ulaw(pcm) == want
+    assert g711.l16be_to_pcm16le(b"\x12\x34\x80\x00\x7f") == b"\x34\x12\x00\x80"
