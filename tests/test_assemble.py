@@ -524,3 +524,49 @@ def test_g711_tables_against_independent_decoders_and_encoders():
         assert g711._encode_block(pcm, _audioop()) == want
     assert g711.pcm16le_block_to_ulaw(pcm) == want
     assert g711.l16be_to_pcm16le(b"\x12\x34\x80\x00\x7f") == b"\x34\x12\x00\x80"
+
+
+def test_chunks_without_their_segment_event_and_bogus_seqs_are_kept_or_counted(tmp_path):
+    """Chunks whose segment event was lost are kept (PCMU, caller); a seq hours away is dropped
+    and counted in outOfRange, never hours of silence."""
+    e = Entry(tmp_path)
+    c = e.segment("c", "CONTACT", "contact-1")
+    sent = stream_chunks(e, c, T0, 10, seed=1)
+    e.chunk(c, 4_000_000_000, T0 + 1.0, tone(800, 99))  # far beyond --max-call-duration
+    lost = {s: tone(800, 200 + s) for s in range(1, 6)}
+    for s, p in lost.items():
+        e.chunk(1, s, T0 + 0.5 + s * 0.1, p)  # segment 1: its event never made it to disk
+    sidecar = e.finalize()
+    _, left, right = read_wav(e.wav_path)
+    want = Timeline()
+    want.place(0, decode(joined(sent), "PCMU"))
+    want.place(4800, decode(joined(lost), "PCMU"))
+    assert right == want.padded(len(right)) and len(right) == 8800
+    first, second = sidecar["segments"]
+    assert (first["chunks"], first["outOfRange"], first["missing"]) == (10, 1, 0)
+    assert second["segmentId"] is None and second["channel"] == "caller"
+    assert second["recorded"] is True and second["chunks"] == 5
+
+
+def test_websocket_sidecars_say_their_source(tmp_path):
+    """A WebSocket call's sidecar gets "source": "websocket" and keeps its perspectives."""
+    from evrecorder.finalize import finalize
+    from evrecorder.settings import Settings
+    from evrecorder.spool import Spool
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spool.new_call("ws-1", "1", T0)
+    entry.create({"callId": "ws-1", "sessionId": "1", "connectedAt": T0, "createdAt": T0,
+                  "metadata": {}, "query": {}})
+    entry.append_event({"event": "media", "perspective": "Participant", "at": T0,
+                        "offsetFrames": 0, "firstSequenceId": 1})
+    for seq in range(1, 4):
+        entry.append_frame("Participant", seq, tone(160, seq))
+    entry.append_event({"event": "end", "reason": "stop", "complete": True, "at": T0 + 1})
+    entry.close()
+    sidecar = finalize(entry, Settings(spool=spool.root))
+    assert sidecar["source"] == "websocket"
+    assert sidecar["perspectives"]["Participant"]["frames"] == 3
+    _, left, _ = read_wav(os.path.join(entry.path, "recording.wav"))
+    assert left == decode(b"".join(tone(160, s) for s in range(1, 4)), "PCMU")
