@@ -58,18 +58,20 @@ Hold pauses (per segment, from arrival times and the media clock)
     been captured earlier than its arrival allows): the *settled lag*, a
     running minimum taken from the end of the segment backwards.
 
-    A pause is considered where a chunk arrives at least one chunk duration
-    (and at least 20 ms) later than the audio before it predicts, and at least
-    3 chunks follow from there on (a pause needs audio that resumed).  Its
-    length is how far the settled lag at that chunk stands above the lag
-    already accounted for (the segment's lowest lag, plus the pauses
-    inserted before), rounded to whole 20 ms; if that is at least one chunk
-    duration, that much silence is inserted before the chunk and listed in
-    the segment's ``pauses`` (``atSamples``: where the silence starts, in
-    samples of the recording, i.e. of the WAV; ``seconds``).  So a stall
-    repaid by a burst inserts nothing (its audio is contiguous), a hold
-    inserts its length, and a segment stays within one chunk of the wall
-    clock.  A drift of the sender's clock is only corrected at such a gap.
+    A pause is considered where a chunk arrives at least one chunk duration,
+    and at least 200 ms (:data:`MIN_PAUSE`), later than the audio before it
+    predicts, and at least 300 ms of audio (and 3 chunks) follow from there
+    on: a pause needs audio that resumed.  Its length is how far the settled
+    lag at that chunk stands above the lag already accounted for (the
+    segment's lowest lag, plus the pauses inserted before), rounded to whole
+    20 ms; if that is at least the same threshold, that much silence is
+    inserted before the chunk and listed in the segment's ``pauses``
+    (``atSamples``: where the silence starts, in samples of the recording,
+    i.e. of the WAV; ``seconds``).  So a stall repaid by a burst inserts
+    nothing (its audio is contiguous), a hold inserts its length, and after
+    it the segment is back within one chunk of the wall clock.  Shifts
+    shorter than the threshold (jitter, a sender's scheduling hiccup) are not
+    pauses; a drift of the sender's clock is only corrected at a pause.
 
 Codecs and rate
     PCMU and PCMA at 8000 Hz (a rate of 0, proto3's "unset", counts as
@@ -105,8 +107,13 @@ SOURCE = "grpc"
 SCRATCH_PREFIX = "segment-"
 SCRATCH_SUFFIX = ".placed"
 FRAME_SECONDS = 0.02
-#: Chunks that must follow a gap for it to count as a pause.
-PAUSE_EVIDENCE = 3
+#: The shortest pause inserted (and the smallest gap looked at) when chunks
+#: are shorter than this: network jitter and a sender's scheduling hiccups
+#: are not holds.
+MIN_PAUSE = 0.2
+#: Audio (seconds, and at least 3 chunks) that must follow a gap for it to
+#: count as a pause: a pause needs audio that resumed in real time.
+PAUSE_EVIDENCE = 0.3
 #: What a segment without an audio format is.
 DEFAULT_FORMAT = {"codec": "PCMU", "rate": 8000, "ptime": 0}
 _RATES = {"PCMU": (8000,), "PCMA": (8000,), "L16": (8000, 16000)}
@@ -376,7 +383,8 @@ class _Track:
         self._sink = _Sink(scratch, segment.codec) if segment.recorded else None
         segment.path = scratch if segment.recorded else None
         self._chunk_samples = 0
-        self._threshold = max(chunk_ms / 1000, FRAME_SECONDS)
+        self._threshold = max(chunk_ms / 1000, MIN_PAUSE)
+        self._evidence = max(3, math.ceil(PAUSE_EVIDENCE * 1000 / chunk_ms))
         self._runs = [_Run(0)]
         self._last_lag: float | None = None
         self._start = segment.first_at or 0.0
@@ -414,11 +422,13 @@ class _Track:
             self._sink.close()
             self._sink = None
         if segment.recorded:
-            segment.pauses = _pauses(self._runs, self._threshold, segment.rate)
+            segment.pauses = _pauses(self._runs, self._threshold, self._evidence, segment.rate)
         self._runs = []
 
 
-def _pauses(runs: list[_Run], threshold: float, rate: int) -> list[tuple[int, int, float]]:
+def _pauses(
+    runs: list[_Run], threshold: float, evidence: int, rate: int
+) -> list[tuple[int, int, float]]:
     """The pauses to insert: ``(raw position, samples, seconds)`` (module docstring)."""
     settled = [0.0] * len(runs)
     after = [0] * len(runs)
@@ -431,7 +441,7 @@ def _pauses(runs: list[_Run], threshold: float, rate: int) -> list[tuple[int, in
     level = settled[0]
     per_frame = rate // 50
     for i in range(1, len(runs)):
-        if after[i] < PAUSE_EVIDENCE:
+        if after[i] < evidence:
             break
         excess = settled[i] - level
         if excess < threshold:

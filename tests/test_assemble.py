@@ -570,3 +570,27 @@ def test_websocket_sidecars_say_their_source(tmp_path):
     assert sidecar["perspectives"]["Participant"]["frames"] == 3
     _, left, _ = read_wav(os.path.join(entry.path, "recording.wav"))
     assert left == decode(b"".join(tone(160, s) for s in range(1, 4)), "PCMU")
+
+
+def test_jitter_and_hiccups_are_not_pauses_but_holds_with_20_ms_chunks_are(tmp_path):
+    """Random arrival jitter (up to 150 ms) and a lasting 150 ms shift insert nothing; two holds
+    of 20 ms chunks (1 s, 0.5 s) each insert their length where they happened."""
+    import random
+
+    rng = random.Random(9)
+    e = Entry(tmp_path)
+    fmt = {"codec": "PCMU", "rate": 8000, "ptime": 20}
+    c = e.segment("c", "CONTACT", "contact-1", audio_format=fmt)
+    a = e.segment("a", "AGENT", "agent-7", audio_format=fmt)
+    shaky = lambda k: T0 + k * 0.02 + (k > 0) * rng.random() * 0.15 + (0.15 if k >= 200 else 0)  # noqa: E731
+    caller = stream_chunks(e, c, T0, 400, ptime=20, seed=1, arrival=shaky)
+    held = lambda k: T0 + k * 0.02 + (1.0 if k >= 100 else 0) + (0.5 if k >= 250 else 0)  # noqa: E731
+    agent = stream_chunks(e, a, T0, 350, ptime=20, seed=2, arrival=held)
+    sidecar = e.finalize()
+    _, left, right = read_wav(e.wav_path)
+    assert sidecar["segments"][0]["pauses"] == []
+    assert right[:64000] == decode(joined(caller), "PCMU")
+    assert sidecar["segments"][1]["pauses"] == [{"atSamples": 16000, "seconds": 1.0},
+                                                {"atSamples": 48000, "seconds": 0.5}]
+    pcm = decode(joined(agent), "PCMU")
+    assert left == pcm[:16000] + [0] * 8000 + pcm[16000:40000] + [0] * 4000 + pcm[40000:]
