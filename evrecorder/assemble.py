@@ -268,7 +268,6 @@ class Segment:
     reason: str | None = None
     records: int = 0  # records in call.chunks (from the scan)
     first_at: float | None = None
-    first_payload: int = 0
     info: list = field(default_factory=list)
     stopped_at: float | None = None
     stats: SegmentStats = field(default_factory=SegmentStats)
@@ -625,6 +624,102 @@ def _write_wav(
 # -- finalize ------------------------------------------------------------------
 
 
+@dataclass
+class _Events:
+    """What ``events.jsonl`` says, by stream and segment."""
+
+    streams: dict[int, dict] = field(default_factory=dict)
+    segments: dict[int, dict] = field(default_factory=dict)
+    infos: dict[int, list] = field(default_factory=dict)
+    stops: dict[int, float] = field(default_factory=dict)
+    end: dict | None = None
+
+    @classmethod
+    def read(cls, events: list[dict]) -> "_Events":
+        out = cls()
+        for ev in events:
+            kind = ev.get("event")
+            if kind == "stream":
+                out.streams.setdefault(int(ev["stream"]), {
+                    "sessionId": ev.get("sessionId"), "connectedAt": ev.get("at"), "end": None})
+            elif kind == "segment":
+                out.segments.setdefault(int(ev["segment"]), ev)
+            elif kind == "segmentInfo":
+                out.infos.setdefault(int(ev["segment"]), []).append(ev)
+            elif kind == "segmentStop":
+                out.stops.setdefault(int(ev["segment"]), ev.get("at"))
+            elif kind == "streamEnd":
+                stream = out.streams.setdefault(int(ev["stream"]), {
+                    "sessionId": None, "connectedAt": None, "end": None})
+                if stream["end"] is None:
+                    stream["end"] = ev
+            elif kind == "end":
+                out.end = ev
+        return out
+
+
+def _segments(found: _Events, scanned: dict[int, list]) -> tuple[list[Segment], int]:
+    """Every segment (of an event, or of chunks only), in start order; the recording's rate."""
+    segments = []
+    for index in sorted(set(found.segments) | set(scanned)):
+        segment = _segment_of(index, found.segments.get(index))
+        segment.records, segment.first_at, duration, size = scanned.get(index, (0, None, 0, 0))
+        if not segment.chunk_ms:
+            per_ms = (segment.rate or 8000) * _WIDTH.get(segment.codec, 1) / 1000
+            segment.chunk_ms = duration or (round(size / per_ms) if size else 0) or 20
+        segment.info = found.infos.get(index, [])
+        segment.stopped_at = found.stops.get(index)
+        segments.append(segment)
+    # The recording's rate: that of its first recordable segment that has audio.
+    rate = next((s.rate for s in segments if s.recorded and s.records), 8000)
+    for segment in segments:
+        if segment.recorded and segment.rate != rate:
+            segment.recorded = False
+            segment.reason = (f"its rate, {segment.rate} Hz, differs from the "
+                              f"recording's, {rate} Hz")
+    return segments, rate
+
+
+def _place(entry: CallSpool, segments: list[Segment], settings: Settings) -> None:
+    """Every segment's chunks into its scratch file, in one pass in arrival order."""
+    tracks: dict[int, _Track] = {}
+    for segment in segments:
+        if segment.records:
+            scratch = os.path.join(entry.path, f"{SCRATCH_PREFIX}{segment.index}{SCRATCH_SUFFIX}")
+            tracks[segment.index] = _Track(segment, settings.reorder_window,
+                                           settings.max_call_duration, scratch)
+    for index, seq, at, _, payload in read_chunks(os.path.join(entry.path, CHUNKS_FILE)):
+        track = tracks.get(index)
+        if track is None:
+            continue  # more records than the scan saw (cannot happen: nobody appends now)
+        track.order.add(seq, at, payload)
+        track.seen += 1
+        if track.seen == track.segment.records:
+            track.finish()  # its last record: its window is written and let go
+            del tracks[index]
+    for track in tracks.values():
+        track.finish()
+
+
+def _ended(entry: CallSpool, header: dict, events: list[dict], found: _Events,
+           last_chunk_at: float | None) -> tuple[str, bool, float]:
+    """endReason, complete, endedAt: as recorded, or "recovered" after a crash."""
+    if found.end is not None:
+        return found.end["reason"], bool(found.end["complete"]), found.end["at"]
+    # Left by a crash: it ended with the last thing it wrote.
+    ended_at = max(
+        [ev.get("at") or 0 for ev in events]
+        + [header.get("createdAt") or 0, last_chunk_at or 0]
+        + [
+            os.path.getmtime(os.path.join(entry.path, n))
+            for n in os.listdir(entry.path)
+            # Not the scratch files of a finalize a crash interrupted.
+            if not n.endswith((SCRATCH_SUFFIX, ".tmp"))
+        ]
+    )
+    return "recovered", False, ended_at
+
+
 def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
     """Write ``recording.wav`` and ``sidecar.json`` for a gRPC spool entry.
 
@@ -634,81 +729,18 @@ def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
     """
     header = entry.read_header()
     events = entry.read_events()
-    chunks_path = os.path.join(entry.path, CHUNKS_FILE)
+    found = _Events.read(events)
+    scanned, last_chunk_at = _scan(os.path.join(entry.path, CHUNKS_FILE))
+    segments, rate = _segments(found, scanned)
+    _place(entry, segments, settings)
 
-    streams: dict[int, dict] = {}
-    seg_events: dict[int, dict] = {}
-    infos: dict[int, list] = {}
-    stops: dict[int, float] = {}
-    end_event = None
-    for ev in events:
-        kind = ev.get("event")
-        if kind == "stream":
-            streams.setdefault(int(ev["stream"]), {"sessionId": ev.get("sessionId"),
-                                                   "connectedAt": ev.get("at"), "end": None})
-        elif kind == "segment":
-            seg_events.setdefault(int(ev["segment"]), ev)
-        elif kind == "segmentInfo":
-            infos.setdefault(int(ev["segment"]), []).append(ev)
-        elif kind == "segmentStop":
-            stops.setdefault(int(ev["segment"]), ev.get("at"))
-        elif kind == "streamEnd":
-            stream = streams.setdefault(int(ev["stream"]), {"sessionId": None,
-                                                            "connectedAt": None, "end": None})
-            if stream["end"] is None:
-                stream["end"] = ev
-        elif kind == "end":
-            end_event = ev
-
-    scanned, last_chunk_at = _scan(chunks_path)
-    segments: dict[int, Segment] = {}
-    for index in sorted(set(seg_events) | set(scanned)):
-        segment = _segment_of(index, seg_events.get(index))
-        records, first_at, duration, size = scanned.get(index, (0, None, 0, 0))
-        segment.records, segment.first_at, segment.first_payload = records, first_at, size
-        if not segment.chunk_ms:
-            per_ms = (segment.rate or 8000) * _WIDTH.get(segment.codec, 1) / 1000
-            segment.chunk_ms = duration or (round(size / per_ms) if size else 0) or 20
-        segment.info = infos.get(index, [])
-        segment.stopped_at = stops.get(index)
-        segments[index] = segment
-
-    # The recording's rate: its first recordable segment's that has audio.
-    rate = next((s.rate for s in segments.values() if s.recorded and s.records), 8000)
-    for segment in segments.values():
-        if segment.recorded and segment.rate != rate:
-            segment.recorded = False
-            segment.reason = (f"its rate, {segment.rate} Hz, differs from the "
-                              f"recording's, {rate} Hz")
-
-    # Place every segment into its scratch file, in one pass in arrival order.
-    tracks: dict[int, _Track] = {}
-    for segment in segments.values():
-        if segment.records:
-            scratch = os.path.join(entry.path, f"{SCRATCH_PREFIX}{segment.index}{SCRATCH_SUFFIX}")
-            tracks[segment.index] = _Track(segment, settings.reorder_window,
-                                           settings.max_call_duration, scratch)
-    try:
-        for index, seq, at, _, payload in read_chunks(chunks_path):
-            track = tracks.get(index)
-            if track is None:
-                continue  # written after the scan (cannot happen: nobody appends now)
-            track.order.add(seq, at, payload)
-            track.seen += 1
-            if track.seen == track.segment.records:
-                track.finish()  # its last record: free its window now
-                del tracks[index]
-    finally:
-        for track in tracks.values():
-            track.finish()
-
-    recorded = [s for s in segments.values() if s.recorded and s.raw_samples]
+    # Sample 0 is the first arrival of recorded audio; offsets in whole frames.
+    recorded = [s for s in segments if s.recorded and s.raw_samples]
     origin = min((s.first_at for s in recorded), default=None)
-    per_frame = rate // 50
-    for segment in segments.values():
+    for segment in segments:
         if segment.first_at is not None and origin is not None:
             frames = math.floor((segment.first_at - origin) / FRAME_SECONDS + 0.5)
-            segment.offset = max(0, frames) * per_frame
+            segment.offset = max(0, frames) * (rate // 50)
 
     by_channel = {c: [s for s in recorded if s.channel == c] for c in ("agent", "caller")}
     left = _Channel(by_channel[settings.channel_map[0]])
@@ -726,35 +758,17 @@ def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
         right.close()
     os.replace(tmp, wav_path)
 
-    if end_event is not None:
-        reason, complete, ended_at = (end_event["reason"], bool(end_event["complete"]),
-                                      end_event["at"])
-    else:
-        # Left by a crash: it ended with the last thing it wrote.
-        reason, complete = "recovered", False
-        ended_at = max(
-            [ev.get("at") or 0 for ev in events]
-            + [header.get("createdAt") or 0, last_chunk_at or 0]
-            + [
-                os.path.getmtime(os.path.join(entry.path, n))
-                for n in os.listdir(entry.path)
-                if not n.endswith((SCRATCH_SUFFIX, ".tmp"))
-            ]
-        )
-
-    first_media_at = min((s.first_at for s in segments.values() if s.first_at is not None),
-                         default=None)
-    ordered = [segments[i] for i in sorted(segments)]
+    reason, complete, ended_at = _ended(entry, header, events, found, last_chunk_at)
+    first_media_at = min((s.first_at for s in segments if s.first_at is not None), default=None)
     start = first_media_at if first_media_at is not None else header["connectedAt"]
-    fields = keys.grpc_key_fields(header.get("metadata") or {}, [s.event for s in ordered],
+    fields = keys.grpc_key_fields(header.get("metadata") or {}, [s.event for s in segments],
                                   start, header["callId"], header["sessionId"])
-    key = keys.format_key(settings.key_template, fields)
     sidecar = {
         "schema": SCHEMA,
         "source": SOURCE,
         "callId": header["callId"],
         "sessionId": header["sessionId"],
-        "key": key,
+        "key": keys.format_key(settings.key_template, fields),
         "metadata": header.get("metadata"),
         "query": header.get("query") or {},
         "audio": {
@@ -766,8 +780,8 @@ def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
             "bytes": size,
             "sha256": digest.hexdigest(),
         },
-        "streams": [_stream_side(streams[n], ended_at, reason) for n in sorted(streams)],
-        "segments": [_segment_side(s) for s in ordered],
+        "streams": [_stream_side(found.streams[n], ended_at, reason) for n in sorted(found.streams)],
+        "segments": [_segment_side(s) for s in segments],
         "timing": {
             "connectedAt": rfc3339(header.get("connectedAt")),
             "firstMediaAt": rfc3339(first_media_at),
