@@ -81,7 +81,12 @@ Codecs and rate
     that has audio.  A segment that cannot be recorded exactly (OPUS, FLAC,
     an unspecified or unknown codec, a rate its codec does not have, or a
     rate other than the recording's) is ``recorded: false`` with a
-    ``reason``: its chunks are still counted, never decoded.
+    ``reason``: its chunks are still counted, never decoded, and its
+    ``offsetSamples`` says where it would have started.  An L16 payload of
+    an odd length loses its last byte (half a sample).
+
+Chunks whose segment has no ``segment`` event (a damaged ``events.jsonl``)
+are kept all the same: PCMU on the caller channel, ``segmentId`` null.
 """
 
 from __future__ import annotations
@@ -90,11 +95,7 @@ import hashlib
 import math
 import os
 import socket
-import sys
-from array import array
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import add
 from typing import BinaryIO, Callable
 
 from evrecorder import __version__, g711, keys, wav
@@ -126,7 +127,6 @@ _WIDTH = {"PCMU": 1, "PCMA": 1, "L16": 2}
 _BLOCK = 1 << 15  # samples per channel per block of the WAV
 _SINK_BYTES = 1 << 16  # linear bytes a segment's scratch file collects before a write
 _ZEROS = bytes(1 << 16)
-_BIG_ENDIAN = sys.byteorder != "little"
 
 
 # -- placement ---------------------------------------------------------------
@@ -511,17 +511,8 @@ def _segment_of(index: int, event: dict | None) -> Segment:
 
 def _mix_into(buf: bytearray, pos: int, data: bytes) -> None:
     """Add ``data``'s samples to ``buf``'s from sample ``pos``, clipped to int16."""
-    mine = array("h")
-    mine.frombytes(buf[2 * pos : 2 * pos + len(data)])
-    theirs = array("h")
-    theirs.frombytes(data)
-    if _BIG_ENDIAN:
-        mine.byteswap()
-        theirs.byteswap()
-    summed = array("h", map(max, map(min, map(add, mine, theirs), repeat(32767)), repeat(-32768)))
-    if _BIG_ENDIAN:
-        summed.byteswap()
-    buf[2 * pos : 2 * pos + len(data)] = summed.tobytes()
+    end = 2 * pos + len(data)
+    buf[2 * pos : end] = g711.add_pcm16le(buf[2 * pos : end], data)
 
 
 class _Channel:
@@ -560,10 +551,17 @@ class _Channel:
             data = self._read(index, raw + lo - start, hi - lo)
             if buf is None:
                 buf = bytearray(2 * n)
-            if any(a < hi and lo < b for a, b in covered):
-                _mix_into(buf, lo - begin, data)
-            else:
-                buf[2 * (lo - begin) : 2 * (hi - begin)] = data
+            # Where no other segment was put yet the block holds zeros: a
+            # copy.  Only where they overlap are samples summed.
+            cursor = lo
+            for a, b in sorted(covered):
+                a, b = max(a, cursor), min(b, hi)
+                if a >= b:
+                    continue
+                buf[2 * (cursor - begin) : 2 * (a - begin)] = data[2 * (cursor - lo) : 2 * (a - lo)]
+                _mix_into(buf, a - begin, data[2 * (a - lo) : 2 * (b - lo)])
+                cursor = b
+            buf[2 * (cursor - begin) : 2 * (hi - begin)] = data[2 * (cursor - lo) :]
             covered.append((lo, hi))
         # Done with segments that ended: their files close.
         for index in [k for k in self._files if self._ends[k] <= stop]:

@@ -176,3 +176,31 @@ def _encode_block(pcm: bytes | bytearray, audioop=None) -> bytes:
     if sys.byteorder != "little":
         samples.byteswap()
     return bytes(map(_ENCODE_UNSIGNED.__getitem__, samples))
+
+
+def add_pcm16le(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
+    """Two equally long blocks of little-endian int16 samples summed, clipped to
+    int16 (how overlapping segments of a channel are mixed)."""
+    if _audioop is not None:
+        return _audioop.add(bytes(a), bytes(b), 2)  # saturates, in C
+    return _add_clipped(a, b)
+
+
+def _add_clipped(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
+    import array
+    import sys
+    from operator import add
+
+    x, y = array.array("h"), array.array("h")
+    x.frombytes(a)
+    y.frombytes(b)
+    if sys.byteorder != "little":
+        x.byteswap()
+        y.byteswap()
+    sums = list(map(add, x, y))
+    if sums and (max(sums) > 32767 or min(sums) < -32768):
+        sums = [32767 if v > 32767 else -32768 if v < -32768 else v for v in sums]
+    out = array.array("h", sums)
+    if sys.byteorder != "little":
+        out.byteswap()
+    return out.tobytes()

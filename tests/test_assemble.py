@@ -594,3 +594,34 @@ def test_jitter_and_hiccups_are_not_pauses_but_holds_with_20_ms_chunks_are(tmp_p
                                                 {"atSamples": 48000, "seconds": 0.5}]
     pcm = decode(joined(agent), "PCMU")
     assert left == pcm[:16000] + [0] * 8000 + pcm[16000:40000] + [0] * 4000 + pcm[40000:]
+
+
+def test_three_overlapping_segments_and_both_mixing_paths(tmp_path):
+    """Three caller-side segments overlapping in every way sum exactly (clipped), with the
+    stdlib's C adder and without it."""
+    import array
+
+    from evrecorder import g711
+
+    e = Entry(tmp_path)
+    starts = [0.0, 0.3, 0.5]
+    counts = [10, 3, 12]
+    sent = []
+    for i, (start, count) in enumerate(zip(starts, counts)):
+        seg = e.segment(f"s{i}", "BOT" if i else "CONTACT", f"p{i}", at=T0 + start)
+        loud = bytes([0x80 + (i * 3 + k) % 16 for k in range(800)])  # near full scale
+        sent.append({seq: (loud if seq % 2 else tone(800, i * 50 + seq))
+                     for seq in range(1, count + 1)})
+        for seq, payload in sent[i].items():
+            e.chunk(seg, seq, T0 + start + (seq - 1) * 0.1, payload)
+    e.finalize()
+    _, _, right = read_wav(e.wav_path)
+    want = Timeline()
+    for start, chunks in zip(starts, sent):
+        want.place(round(start * 8000), decode(joined(chunks), "PCMU"))
+    assert right == want.padded(len(right)) and len(right) == 13600
+    assert 32767 in right
+    a = array.array("h", [30000, -30000, 5, -7, 32767]).tobytes()
+    b = array.array("h", [10000, -10000, 6, 7, 1]).tobytes()
+    want_sum = array.array("h", [32767, -32768, 11, 0, 32767]).tobytes()
+    assert g711._add_clipped(a, b) == want_sum == g711.add_pcm16le(a, b)
