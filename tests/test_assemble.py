@@ -625,3 +625,23 @@ def test_three_overlapping_segments_and_both_mixing_paths(tmp_path):
     b = array.array("h", [10000, -10000, 6, 7, 1]).tobytes()
     want_sum = array.array("h", [32767, -32768, 11, 0, 32767]).tobytes()
     assert g711._add_clipped(a, b) == want_sum == g711.add_pcm16le(a, b)
+
+
+def test_the_websocket_finalize_benchmark_still_runs(tmp_path):
+    """benchmarks/finalize_bench.py finalizes WebSocket calls through the dispatching finalize."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "finalize_bench.py"), "--seconds", "2",
+         "--repeat", "1", "--formats", "pcm16", "--variants", "contiguous",
+         "--dir", str(tmp_path), "--json", str(out)],
+        check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=root), timeout=120,
+    )
+    [row] = json.loads(out.read_text())["results"]
+    assert {p: d["frames"] for p, d in row["perspectives"].items()} == {
+        "Participant": 100, "Conference": 100}
+    assert row["wav_bytes"] >= 44 + 4 * 100 * 160  # 2 s of stereo PCM16
