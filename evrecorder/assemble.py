@@ -95,6 +95,7 @@ import hashlib
 import math
 import os
 import socket
+from array import array
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
@@ -245,13 +246,25 @@ class ChunkOrder:
 # -- one segment -------------------------------------------------------------
 
 
-@dataclass
-class _Run:
-    """Chunks between two places where a pause may have been."""
+class _Runs:
+    """A segment's chunks, cut where a pause may have been: per run, the raw
+    samples placed before its first chunk, its lowest lag and its chunks.
+    Arrays, so a long and jittery segment costs 24 bytes a run."""
 
-    position: int  # raw samples placed before the run's first chunk
-    lowest: float = math.inf  # lowest lag of its chunks
-    count: int = 0
+    def __init__(self) -> None:
+        self.position = array("q", [0])
+        self.lowest = array("d", [math.inf])
+        self.count = array("q", [0])
+
+    def cut(self, position: int) -> None:
+        self.position.append(position)
+        self.lowest.append(math.inf)
+        self.count.append(0)
+
+    def add(self, lag: float) -> None:
+        if lag < self.lowest[-1]:
+            self.lowest[-1] = lag
+        self.count[-1] += 1
 
 
 @dataclass
@@ -384,7 +397,7 @@ class _Track:
         self._chunk_samples = 0
         self._threshold = max(chunk_ms / 1000, MIN_PAUSE)
         self._evidence = max(3, math.ceil(PAUSE_EVIDENCE * 1000 / chunk_ms))
-        self._runs = [_Run(0)]
+        self._runs: _Runs | None = _Runs()
         self._last_lag: float | None = None
         self._start = segment.first_at or 0.0
         self.seen = 0
@@ -394,12 +407,10 @@ class _Track:
         n = len(payload) // self._width
         lag = at - self._start - segment.raw_samples / self._rate
         last = self._last_lag
+        runs = self._runs
         if last is not None and lag - last >= self._threshold:
-            self._runs.append(_Run(segment.raw_samples))
-        run = self._runs[-1]
-        if lag < run.lowest:
-            run.lowest = lag
-        run.count += 1
+            runs.cut(segment.raw_samples)
+        runs.add(lag)
         self._last_lag = lag
         if n:
             self._chunk_samples = n
@@ -422,24 +433,23 @@ class _Track:
             self._sink = None
         if segment.recorded:
             segment.pauses = _pauses(self._runs, self._threshold, self._evidence, segment.rate)
-        self._runs = []
+        self._runs = None
 
 
-def _pauses(
-    runs: list[_Run], threshold: float, evidence: int, rate: int
-) -> list[tuple[int, int, float]]:
+def _pauses(runs: _Runs, threshold: float, evidence: int, rate: int) -> list[tuple[int, int, float]]:
     """The pauses to insert: ``(raw position, samples, seconds)`` (module docstring)."""
-    settled = [0.0] * len(runs)
-    after = [0] * len(runs)
+    # From the end backwards, in place: each run's settled lag (the lowest
+    # lag from it on) and the chunks from it on.
+    settled, after = runs.lowest, runs.count
     lowest, count = math.inf, 0
-    for i in range(len(runs) - 1, -1, -1):
-        lowest = min(lowest, runs[i].lowest)
-        count += runs[i].count
+    for i in range(len(settled) - 1, -1, -1):
+        lowest = min(lowest, settled[i])
+        count += after[i]
         settled[i], after[i] = lowest, count
     out = []
     level = settled[0]
     per_frame = rate // 50
-    for i in range(1, len(runs)):
+    for i in range(1, len(settled)):
         if after[i] < evidence:
             break
         excess = settled[i] - level
@@ -447,7 +457,7 @@ def _pauses(
             continue
         frames = math.floor(excess / FRAME_SECONDS + 0.5)
         seconds = frames * FRAME_SECONDS
-        out.append((runs[i].position, frames * per_frame, round(seconds, 3)))
+        out.append((runs.position[i], frames * per_frame, round(seconds, 3)))
         level += seconds
     return out
 
@@ -500,7 +510,10 @@ def _segment_of(index: int, event: dict | None) -> Segment:
         event = {"segment": index, "segmentId": None, "participant": None, "product": None,
                  "audioFormat": None, "channel": "caller"}
     codec, rate, ptime = _codec_of(event.get("audioFormat"))
-    channel = event.get("channel") if event.get("channel") in ("agent", "caller") else "caller"
+    channel = event.get("channel")
+    if channel not in ("agent", "caller"):  # as the live side decides it
+        participant = event.get("participant") or {}
+        channel = "agent" if participant.get("type") == "AGENT" else "caller"
     reason = _unrecordable(codec, rate)
     return Segment(index=index, event=event, channel=channel, codec=codec, rate=rate,
                    chunk_ms=ptime, recorded=reason is None, reason=reason)
