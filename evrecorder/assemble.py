@@ -37,7 +37,8 @@ Placement (per segment)
 Timeline
     Sample 0 is the recording's first audio: the earliest arrival of a chunk
     of a recorded segment.  A segment starts at its first chunk's arrival,
-    measured from there and rounded to whole 20 ms frames.  Streams of the
+    measured from there and rounded to whole 20 ms frames (as for WebSocket
+    perspectives, a first chunk within 20 ms of sample 0 starts at 0).  Streams of the
     same dialog (a reconnect) are nothing special: their segments are timed
     by their own arrival, so the time between streams is silence.  Where
     only one segment covers a stretch of a channel, its samples are exactly
@@ -750,8 +751,11 @@ def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
     origin = min((s.first_at for s in recorded), default=None)
     for segment in segments:
         if segment.first_at is not None and origin is not None:
-            frames = math.floor((segment.first_at - origin) / FRAME_SECONDS + 0.5)
-            segment.offset = max(0, frames) * (rate // 50)
+            # As for WebSocket perspectives: within one frame of the first
+            # audio is sample 0, later is rounded to whole frames.
+            delta = segment.first_at - origin
+            frames = 0 if delta < FRAME_SECONDS else round(delta / FRAME_SECONDS)
+            segment.offset = frames * (rate // 50)
 
     by_channel = {c: [s for s in recorded if s.channel == c] for c in ("agent", "caller")}
     left = _Channel(by_channel[settings.channel_map[0]])

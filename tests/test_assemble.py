@@ -75,9 +75,9 @@ def test_agent_joining_two_seconds_late_starts_two_seconds_in(tmp_path):
 
 
 def test_offsets_round_to_whole_frames_and_start_at_the_first_audio(tmp_path):
-    """Offsets are measured from the first audio, rounded to 20 ms frames (8 ms -> 0, 1.013 s -> 1.02 s)."""
+    """Offsets are measured from the first audio, rounded to 20 ms frames (18 ms -> 0, 1.013 s -> 1.02 s)."""
     e = Entry(tmp_path)
-    c, a, caller, agent = caller_and_agent(e, 0.3, 0.308, caller_count=20, agent_count=10)
+    c, a, caller, agent = caller_and_agent(e, 0.3, 0.318, caller_count=20, agent_count=10)
     late = e.segment("b", "BOT", "bot-1")
     bot = stream_chunks(e, late, T0 + 1.313, 5, seed=9)
     sidecar = e.finalize()
