@@ -775,7 +775,8 @@ def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
 
     reason, complete, ended_at = _ended(entry, header, events, found, last_chunk_at)
     first_media_at = min((s.first_at for s in segments if s.first_at is not None), default=None)
-    start = first_media_at if first_media_at is not None else header["connectedAt"]
+    start = first_media_at if first_media_at is not None else (
+        header.get("connectedAt") or header.get("createdAt") or 0.0)
     fields = keys.grpc_key_fields(header.get("metadata") or {}, [s.event for s in segments],
                                   start, header["callId"], header["sessionId"])
     sidecar = {

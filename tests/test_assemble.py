@@ -645,3 +645,18 @@ def test_the_websocket_finalize_benchmark_still_runs(tmp_path):
     assert {p: d["frames"] for p, d in row["perspectives"].items()} == {
         "Participant": 100, "Conference": 100}
     assert row["wav_bytes"] >= 44 + 4 * 100 * 160  # 2 s of stereo PCM16
+
+
+def test_a_dialog_without_audio_is_archived_with_an_empty_wav(tmp_path):
+    """A dialog whose segments sent nothing: an empty 8 kHz WAV, its segments listed."""
+    e = Entry(tmp_path)
+    c = e.segment("c", "CONTACT", "contact-1")
+    e.stop(c, T0 + 1.0)
+    e.stream_end(0, T0 + 1.0)
+    e.end(T0 + 1.0)
+    sidecar = e.finalize()
+    assert read_wav(e.wav_path) == (8000, [], [])
+    assert sidecar["audio"]["durationSeconds"] == 0 and sidecar["timing"]["firstMediaAt"] is None
+    [seg] = sidecar["segments"]
+    assert (seg["chunks"], seg["samples"], seg["firstSeq"], seg["stopped"]) == (0, 0, None, True)
+    assert sidecar["key"].startswith("2023/11/14/dlg-1-sess-1")
