@@ -341,11 +341,14 @@ class _Sink:
     def __init__(self, path: str, codec: str):
         self.path = path
         self._decode = _DECODE[codec]
+        self._width = _WIDTH[codec]
         self._coded = bytearray()
         self._linear = bytearray()
         open(path, "wb").close()
 
     def audio(self, payload: bytes) -> None:
+        if self._width == 2 and len(payload) % 2:
+            payload = payload[:-1]  # half a sample: dropped here, not across chunks
         self._coded += payload
         if len(self._coded) >= _SINK_BYTES // 2:
             self._decode_coded()

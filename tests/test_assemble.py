@@ -660,3 +660,16 @@ def test_a_dialog_without_audio_is_archived_with_an_empty_wav(tmp_path):
     [seg] = sidecar["segments"]
     assert (seg["chunks"], seg["samples"], seg["firstSeq"], seg["stopped"]) == (0, 0, None, True)
     assert sidecar["key"].startswith("2023/11/14/dlg-1-sess-1")
+
+
+def test_an_odd_l16_payload_loses_only_its_half_sample(tmp_path):
+    """An L16 chunk of odd length drops its last byte; the chunks after it stay aligned."""
+    e = Entry(tmp_path)
+    c = e.segment("c", "CONTACT", "contact-1", audio_format={"codec": "L16", "rate": 8000,
+                                                             "ptime": 100})
+    first, second = tone(800, 1, "L16"), tone(800, 2, "L16")
+    e.chunk(c, 1, T0, first + b"\x7f")
+    e.chunk(c, 2, T0 + 0.1, second)
+    e.finalize()
+    _, _, right = read_wav(e.wav_path)
+    assert right == decode(first, "L16") + decode(second, "L16")
