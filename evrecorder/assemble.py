@@ -547,21 +547,20 @@ class _Channel:
         for start, _, n, index in self._spans:
             self._ends[index] = max(self._ends.get(index, 0), start + n)
         self._files: dict[int, BinaryIO] = {}
-        self._next = 0  # first span not yet over
+        self._next = 0  # first span not yet taken into _active
+        self._active: list[tuple[int, int, int, int]] = []  # spans that reach this block
         self.end = max(self._ends.values(), default=0)
 
     def block(self, begin: int, n: int) -> bytearray | None:
         """Samples ``begin`` to ``begin + n`` (little-endian int16), None if silent."""
         spans = self._spans
-        while self._next < len(spans) and spans[self._next][0] + spans[self._next][2] <= begin:
-            self._next += 1
         stop = begin + n
+        while self._next < len(spans) and spans[self._next][0] < stop:
+            self._active.append(spans[self._next])
+            self._next += 1
         buf = None
         covered: list[tuple[int, int]] = []
-        i = self._next
-        while i < len(spans) and spans[i][0] < stop:
-            start, raw, count, index = spans[i]
-            i += 1
+        for start, raw, count, index in self._active:
             lo, hi = max(start, begin), min(start + count, stop)
             if lo >= hi:
                 continue
@@ -580,6 +579,7 @@ class _Channel:
                 cursor = b
             buf[2 * (cursor - begin) : 2 * (hi - begin)] = data[2 * (cursor - lo) :]
             covered.append((lo, hi))
+        self._active = [span for span in self._active if span[0] + span[2] > stop]
         # Done with segments that ended: their files close.
         for index in [k for k in self._files if self._ends[k] <= stop]:
             self._files.pop(index).close()
