@@ -32,7 +32,10 @@ Placement (per segment)
     given up, or below the segment's first seq once placement started:
     dropped).  A seq further than ``--max-call-duration`` of chunks from the
     segment's first one is dropped and counted in ``outOfRange`` (a bogus
-    seq must not make hours of silence).
+    seq must not make hours of silence).  ``seq`` is a uint32: one that
+    wraps from 4294967295 to 0 goes on in order.  The segment's timeline
+    (from its lowest seq) starts at its first chunk's arrival, whichever seq
+    that chunk carries.
 
 Timeline
     Sample 0 is the recording's first audio: the earliest arrival of a chunk
@@ -148,6 +151,10 @@ class SegmentStats:
     last_seq: int | None = None
 
 
+_SEQ_MOD = 1 << 32
+_HALF_SEQ = 1 << 31
+
+
 class ChunkOrder:
     """One segment's chunks from arrival order to ``seq`` order (the reorder window).
 
@@ -178,11 +185,16 @@ class ChunkOrder:
 
     def add(self, seq: int, at: float, payload: bytes) -> None:
         stats = self.stats
-        if self._anchor is None:
+        anchor = self._anchor
+        if anchor is None:
             self._anchor = seq
-        elif abs(seq - self._anchor) > self._span:
-            stats.out_of_range += 1
-            return
+        else:
+            # seq is a uint32: one that wrapped past 2^32 - 1 goes on from
+            # there (placement uses the unwrapped number, counters show seq).
+            seq = anchor + ((seq - anchor + _HALF_SEQ) % _SEQ_MOD) - _HALF_SEQ
+            if abs(seq - anchor) > self._span:
+                stats.out_of_range += 1
+                return
         pending = self._pending
         if seq in pending:
             stats.duplicates += 1
@@ -849,8 +861,8 @@ def _segment_side(segment: Segment) -> dict:
         "reordered": stats.reordered,
         "late": stats.late,
         "outOfRange": stats.out_of_range,
-        "firstSeq": stats.first_seq,
-        "lastSeq": stats.last_seq,
+        "firstSeq": None if stats.first_seq is None else stats.first_seq % _SEQ_MOD,
+        "lastSeq": None if stats.last_seq is None else stats.last_seq % _SEQ_MOD,
         "offsetSamples": segment.offset,
         "samples": segment.samples if segment.recorded else 0,
         "pauses": [

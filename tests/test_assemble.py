@@ -673,3 +673,19 @@ def test_an_odd_l16_payload_loses_only_its_half_sample(tmp_path):
     e.finalize()
     _, _, right = read_wav(e.wav_path)
     assert right == decode(first, "L16") + decode(second, "L16")
+
+
+def test_seq_wrapping_past_uint32_goes_on_in_order(tmp_path):
+    """A segment whose seq wraps from 4294967295 to 0 is placed in order, nothing missing."""
+    e = Entry(tmp_path)
+    c = e.segment("c", "CONTACT", "contact-1")
+    seqs = [(4294967292 + k) % (1 << 32) for k in range(10)]
+    sent = [tone(800, k) for k in range(10)]
+    for k in range(10):  # seq 4294967295 arrives after 0: reordered across the wrap
+        e.chunk(c, seqs[k], T0 + k * 0.1 + (0.15 if k == 3 else 0), sent[k])
+    sidecar = e.finalize()
+    _, _, right = read_wav(e.wav_path)
+    assert right == decode(b"".join(sent), "PCMU")
+    seg = sidecar["segments"][0]
+    assert (seg["firstSeq"], seg["lastSeq"], seg["missing"], seg["reordered"]) == (
+        4294967292, 5, 0, 1)
