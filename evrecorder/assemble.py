@@ -452,7 +452,9 @@ class _Track:
         self._runs = None
 
 
-def _pauses(runs: _Runs, threshold: float, evidence: int, rate: int) -> list[tuple[int, int, float]]:
+def _pauses(
+    runs: _Runs, threshold: float, evidence: int, rate: int
+) -> list[tuple[int, int, float]]:
     """The pauses to insert: ``(raw position, samples, seconds)`` (module docstring)."""
     # From the end backwards, in place: each run's settled lag (the lowest
     # lag from it on) and the chunks from it on.
@@ -811,7 +813,9 @@ def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
             "bytes": size,
             "sha256": digest.hexdigest(),
         },
-        "streams": [_stream_side(found.streams[n], ended_at, reason) for n in sorted(found.streams)],
+        "streams": [
+            _stream_side(found.streams[n], ended_at, reason) for n in sorted(found.streams)
+        ],
         "segments": [_segment_side(s) for s in segments],
         "timing": {
             "connectedAt": rfc3339(header.get("connectedAt")),
@@ -826,7 +830,8 @@ def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
     write_json_atomic(os.path.join(entry.path, SIDECAR_FILE), sidecar)
     # The WAV and sidecar now carry everything: drop the working files.
     for name in os.listdir(entry.path):
-        if name == CHUNKS_FILE or (name.startswith(SCRATCH_PREFIX) and name.endswith(SCRATCH_SUFFIX)):
+        scratch = name.startswith(SCRATCH_PREFIX) and name.endswith(SCRATCH_SUFFIX)
+        if name == CHUNKS_FILE or scratch:
             os.unlink(os.path.join(entry.path, name))
     return sidecar
 
