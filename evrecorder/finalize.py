@@ -2,6 +2,8 @@
 
 Runs in a worker thread (it reads and writes whole files), on a call whose
 spool nobody appends to any more: one that ended, or one left by a crash.
+A gRPC dialog's entry (``"source": "grpc"`` in ``call.json``) goes to
+:mod:`evrecorder.assemble`; what follows is a WebSocket call's.
 
 1. ``call.frames`` (both perspectives, arrival order) is cut into one
    scratch file per perspective, ``<Perspective>.split``
@@ -29,12 +31,14 @@ import hashlib
 import itertools
 import os
 import socket
-from datetime import datetime, timezone
 
 from evrecorder import __version__, keys, wav
+from evrecorder.assemble import SOURCE as GRPC_SOURCE
+from evrecorder.assemble import finalize_grpc
 from evrecorder.framefile import read_runs, split
 from evrecorder.placement import FRAME_BYTES, SHORT_RUN, PerspectiveStats, Placer
 from evrecorder.settings import PERSPECTIVE_OF, PERSPECTIVES, ROLE_OF, Settings
+from evrecorder.sidecar import SCHEMA, rfc3339  # noqa: F401 (the archiver imports them here)
 from evrecorder.spool import (
     CALL_FRAMES_FILE,
     FRAMES_SUFFIX,
@@ -44,17 +48,9 @@ from evrecorder.spool import (
     write_json_atomic,
 )
 
-SCHEMA = "evrecorder/1"
 PLACED_SUFFIX = ".placed"
 SPLIT_SUFFIX = ".split"
 SCRATCH_SUFFIXES = (PLACED_SUFFIX, SPLIT_SUFFIX)
-
-
-def rfc3339(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _place(
@@ -108,9 +104,13 @@ def finalize(
 
     A call that recorded its end keeps that reason; one left by a crash
     before its end is "recovered" and incomplete.  Returns the sidecar
-    (without ``archivedAt``).
+    (without ``archivedAt``).  A gRPC recording (``"source": "grpc"`` in
+    its header) is :func:`evrecorder.assemble.finalize_grpc`'s; a header
+    without ``source`` is a WebSocket call's, as every older spool's.
     """
     header = entry.read_header()
+    if header.get("source") == GRPC_SOURCE:
+        return finalize_grpc(entry, settings)
     events = entry.read_events()
     starts: dict[str, tuple[int, int | None]] = {}  # offset in frames, first id to arrive
     stops: dict[str, dict | None] = {}
@@ -197,6 +197,7 @@ def finalize(
     key = keys.format_key(settings.key_template, fields)
     sidecar = {
         "schema": SCHEMA,
+        "source": "websocket",
         "callId": header["callId"],
         "sessionId": header["sessionId"],
         "key": key,

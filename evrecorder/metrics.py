@@ -33,6 +33,8 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from evrecorder import __version__
+from evrecorder.settings import PERSPECTIVE_OF
+from evrecorder.sidecar import channel_counts
 
 # Process-wide in prometheus_client; the recorder owns its process.
 disable_created_metrics()
@@ -124,9 +126,11 @@ class Metrics:
         return +frames, +nbytes
 
     def call_finalized(self, sidecar: dict) -> None:
-        for perspective, side in sidecar["perspectives"].items():
+        # Per channel, labelled with the WebSocket perspective it is (a gRPC
+        # recording's segments are summed per channel).
+        for channel, side in channel_counts(sidecar).items():
             for name in PLACEMENT_COUNTERS:
-                self.placement[(name, perspective)] += side[name]
+                self.placement[(name, PERSPECTIVE_OF[channel])] += side[name]
 
 
 class _Collector:
