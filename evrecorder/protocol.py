@@ -35,7 +35,9 @@ from orjson import loads as _loads
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from evrecorder import fastmask
 from evrecorder.fastmask import unmask as _unmask
@@ -120,6 +122,31 @@ def _key_part(metadata: dict, query: dict, names: tuple[str, ...]) -> str | None
     return None
 
 
+@implementer(IPushProducer)
+class _ReadWhileDrained:
+    """Reads from a socket only while what was written to it drains.
+
+    Registered as the (streaming) producer of a socket's transport: Twisted
+    pauses it when more than the transport's ``bufferSize`` (64 KiB) is
+    written and unsent, and resumes it when all of that has gone to the
+    kernel.  Paused, the socket is not read, so a client that never reads
+    (and keeps sending pings, each owed a pong) cannot make the recorder
+    queue output without bound: TCP slows it down instead.
+    """
+
+    def __init__(self, transport):
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()  # stop reading
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass  # the connection is going: nothing of ours to stop
+
+
 class RecorderProtocol(WebSocketServerProtocol):
     """One WebSocket from the platform: one call, or one perspective of it."""
 
@@ -139,6 +166,10 @@ class RecorderProtocol(WebSocketServerProtocol):
         self._fast_limit = 0
 
     # -- handshake -------------------------------------------------------
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.transport.registerProducer(_ReadWhileDrained(self.transport), True)
 
     def onConnect(self, request):
         try:
