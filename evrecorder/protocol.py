@@ -164,6 +164,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         self._received_at = 0.0
         self._fast = False  # set at onOpen: see _fast_read
         self._fast_limit = 0
+        self._admission = None  # the --handshake-timeout timer for secret and Start
 
     # -- handshake -------------------------------------------------------
 
@@ -442,6 +443,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         self._call = self.factory.registry.join(
             self, call_id, session_id, metadata, self._query, self._connected_at
         )
+        self._admitted()
 
     def _on_media(self, msg: dict) -> None:
         # The hot path (100 messages a second a call): checks stay cheap.
@@ -509,6 +511,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         self.sendCloseFrame(code=code, reasonUtf8=data, isReply=False)
 
     def onClose(self, wasClean, code, reason):
+        self._admitted()
         call, self._call = self._call, None
         if call is not None and not call.ended:
             call.detach(self)
@@ -517,6 +520,35 @@ class RecorderProtocol(WebSocketServerProtocol):
     def onOpen(self):
         self._fast = self._fast_path_applies()
         self.factory.connection_made(self)
+        self._expect_admission()
+
+    # -- admission: a secret and a Start within --handshake-timeout ------
+
+    def _expect_admission(self) -> None:
+        """An open socket has ``--handshake-timeout`` seconds to join a call.
+
+        Joining takes a valid secret (when secrets are configured) and a
+        Start.  A socket that has neither in time is closed with 1008, so
+        sockets that never say who they are cannot pile up to
+        ``--max-connections``.  (Our own timer: not cut to whole seconds as
+        Autobahn's are.)
+        """
+        self._admission = self.factory.clock.callLater(
+            self.factory.settings.handshake_timeout, self._not_admitted
+        )
+
+    def _admitted(self) -> None:
+        timer, self._admission = self._admission, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _not_admitted(self) -> None:
+        self._admission = None
+        if self.state != _OPEN or self._call is not None:
+            return
+        seconds = self.factory.settings.handshake_timeout
+        missing = "valid secret" if not self._authenticated else "Start"
+        self._bad_input(1008, f"no {missing} within {seconds:g} s of the handshake")
 
 
 class RecorderFactory(WebSocketServerFactory):
