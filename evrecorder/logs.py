@@ -1,18 +1,23 @@
-"""A JSON-lines log format for log shippers.
+"""Logging helpers: a JSON-lines format, and what keeps log lines safe and few.
 
 ``twistd --logger evrecorder.logs.json_observer -n evrecorder ...`` writes one
 JSON object a line to standard output: ``time`` (RFC 3339, UTC), ``level``,
 ``namespace``, ``text`` (the formatted message) and the event's own fields
 that are plain values (``call_id``, ``session_id``, ``key``, ``reason``,
 ``code`` ...), so a shipper can index them without parsing the text.
+
+:class:`RateLimit` keeps a fault that repeats (a full spool disk, every read)
+to one line a while, saying how many it stood for.  :func:`spool_problem`
+says in words what an ``OSError`` of the spool means for an operator.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from datetime import datetime, timezone
-from typing import TextIO
+from typing import Hashable, TextIO
 
 from twisted.logger import FileLogObserver, formatEvent
 
@@ -39,3 +44,41 @@ def _as_json(event: dict) -> str:
 def json_observer(out: TextIO | None = None) -> FileLogObserver:
     """The observer factory for ``twistd --logger``."""
     return FileLogObserver(out or sys.stdout, _as_json)
+
+
+class RateLimit:
+    """At most one log line per key every ``interval`` seconds.
+
+    ``allow(key)`` returns None when the line is to be left out, else how
+    many were left out for that key since the last one (to say so).  Keys
+    not seen for an interval are forgotten, so the table stays small.
+    """
+
+    def __init__(self, clock, interval: float = 60.0):
+        self._clock = clock
+        self.interval = interval
+        self._last: dict[Hashable, list] = {}  # key: [time of the last line, left out since]
+
+    def allow(self, key: Hashable) -> int | None:
+        now = self._clock.seconds()
+        seen = self._last.get(key)
+        if seen is not None and now - seen[0] < self.interval:
+            seen[1] += 1
+            return None
+        if len(self._last) > 1000:
+            self._last = {k: v for k, v in self._last.items() if now - v[0] < self.interval}
+        self._last[key] = [now, 0]
+        return seen[1] if seen is not None else 0
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def spool_problem(error: OSError) -> str:
+    """What a failed spool write means, as the start of a sentence."""
+    if error.errno in _FULL:
+        return "the recorder's spool is full"
+    if error.errno in _READ_ONLY:
+        return "the recorder's spool is not writable"
+    return "the recorder cannot write to its spool"

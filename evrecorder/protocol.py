@@ -42,6 +42,7 @@ from zope.interface import implementer
 from evrecorder import fastmask
 from evrecorder.fastmask import unmask as _unmask
 from evrecorder.call import Call, CallError, CallRegistry
+from evrecorder.logs import RateLimit, spool_problem
 from evrecorder.settings import PERSPECTIVES, Settings
 
 _log = Logger()
@@ -235,12 +236,8 @@ class RecorderProtocol(WebSocketServerProtocol):
             if call is not None:
                 try:
                     call.spool.flush()  # one write per file for all this read carried
-                except OSError:
-                    _log.failure(
-                        "writing call {call_id}/{session_id} to the spool failed",
-                        call_id=call.call_id, session_id=call.session_id,
-                    )
-                    self.close_with(1011, "the recorder cannot write to its spool")
+                except OSError as e:
+                    self._spool_failed(e)
 
     def _fast_path_applies(self) -> bool:
         """Whether :meth:`_fast_read` may take this connection's frames.
@@ -391,6 +388,8 @@ class RecorderProtocol(WebSocketServerProtocol):
                 raise CallError(1003, f"unknown event {str(event)[:40]!r}")
         except CallError as e:
             self._bad_input(e.code, e.reason)
+        except OSError as e:  # the spool: a new call's entry, or a running call's frames
+            self._spool_failed(e)
         except Exception:
             _log.failure("message from {peer} could not be handled", peer=self._peer_name)
             self._bad_input(1011, "internal error")
@@ -491,6 +490,45 @@ class RecorderProtocol(WebSocketServerProtocol):
             perspective = None
         call.stop(self, metadata, perspective)
 
+    # -- the spool cannot be written --------------------------------------
+
+    def _spool_failed(self, error: OSError) -> None:
+        """A spool write failed (full disk, read-only): close 1011 with a sentence.
+
+        A new call whose spool entry cannot be made is refused; a running
+        call's socket is closed, and what reached the disk is kept and
+        archived.  The log says it in one sentence, not a traceback: once a
+        minute per call and kind of failure (refused calls: per kind), with
+        how many more it stands for.
+        """
+        factory = self.factory
+        problem = spool_problem(error)
+        call = self._call
+        if call is None:
+            call_id = _key_part(self._start_metadata or {}, self._query, _CALL_ID) or "-"
+            session_id = _key_part(self._start_metadata or {}, self._query, _SESSION_ID) or "-"
+            left_out = factory.spool_log.allow(("refused", error.errno))
+            reason = problem + ": the call is not recorded"
+            text = ("call {call_id}/{session_id} is not recorded: {problem} ({strerror}, "
+                    "spool {spool}); socket from {peer} closed with 1011{more}")
+            more = "; {n} more calls refused so since the last such line"
+        else:
+            call_id, session_id = call.call_id, call.session_id
+            left_out = factory.spool_log.allow((call_id, session_id, error.errno))
+            reason = problem + ": no more audio of this socket can be kept"
+            text = ("call {call_id}/{session_id}: {problem} ({strerror}, spool {spool}); "
+                    "socket from {peer} closed with 1011, what reached the disk is kept{more}")
+            more = "; {n} more failed writes since the last such line"
+        if left_out is not None:
+            _log.error(
+                text, call_id=call_id, session_id=session_id, problem=problem,
+                strerror=error.strerror or str(error), spool=factory.registry.spool.root,
+                peer=self._peer_name, more=more.format(n=left_out) if left_out else "",
+            )
+        if self.state == _OPEN:
+            factory.metrics.closed[1011] += 1
+        self.close_with(1011, reason)
+
     # -- the call's side -------------------------------------------------
 
     def end_call(self, code: int, reason: str) -> None:
@@ -566,6 +604,7 @@ class RecorderFactory(WebSocketServerFactory):
         self.metrics = registry.metrics
         self.draining = False
         self.sockets: set[RecorderProtocol] = set()
+        self.spool_log = RateLimit(clock, 60.0)  # spool failures: see _spool_failed
         self.setProtocolOptions(
             allowNullOrigin=True,
             maxMessagePayloadSize=settings.max_message_size,

@@ -47,6 +47,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 
 from evrecorder.call import CallError
+from evrecorder.logs import spool_problem
 from evrecorder.settings import PERSPECTIVES
 
 log = Logger()
@@ -125,11 +126,28 @@ class RelayedConnection(Int32StringReceiver):
         if call is not None:
             try:
                 call.spool.flush()
-            except OSError:
-                log.failure("writing a relayed call to the spool failed")
-                self._refuse(1011, "the recorder cannot write to its spool", flush=False)
+            except OSError as e:
+                self._spool_failed(e, flush=False)
                 return False
         return True
+
+    def _spool_failed(self, error: OSError, flush: bool = True) -> None:
+        """The spool cannot be written: one sentence (this relay connection
+        then ends, so it is said once), and the socket is refused with it."""
+        call = self.call
+        problem = spool_problem(error)
+        log.error(
+            "call {call_id}/{session_id} (a socket relayed from a sibling): {problem} "
+            "({strerror}, spool {spool}); the socket is closed with 1011",
+            call_id=call.call_id if call else "-", session_id=call.session_id if call else "-",
+            problem=problem, strerror=error.strerror or str(error),
+            spool=self.registry.spool.root,
+        )
+        if call is None:
+            reason = problem + ": the call is not recorded"
+        else:
+            reason = problem + ": no more audio of this socket can be kept"
+        self._refuse(1011, reason, flush=flush)
 
     def stringReceived(self, msg: bytes) -> None:
         if self._over:
@@ -162,6 +180,8 @@ class RelayedConnection(Int32StringReceiver):
                 raise CallError(1011, f"relay message of unknown kind {kind!r}")
         except CallError as e:
             self._refuse(e.code, e.reason)
+        except OSError as e:  # the spool: the call's entry, or its frames
+            self._spool_failed(e, flush=False)  # a flush now would fail the same way
         except Exception:
             log.failure("a relayed message could not be handled")
             self._refuse(1011, "internal error")

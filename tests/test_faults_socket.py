@@ -9,9 +9,11 @@ and that a normal call beside it is recorded sample-exact.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -20,7 +22,8 @@ import pytest
 from twisted.internet import address, defer, threads
 
 from test_frames import (  # noqa: F401  (clock: a fixture)
-    CONNECTED, HANDSHAKE, START, Transport, clock, close_code, frame, server_frames, text,
+    CONNECTED, HANDSHAKE, START, Transport, clock, close_code, frame, media_msg, server_frames,
+    text,
 )
 from test_service import AGENT, CALLER, assert_channels, frames, reactor, record_call, sleep
 from wsclient import connect, connected, media, start
@@ -222,3 +225,177 @@ async def test_silent_sockets_are_closed_and_a_call_beside_them_is_recorded(reco
     assert len(rec.service.factory.sockets) == 0
     [sidecar] = await rec.archived()
     assert_channels(sidecar, b"".join(agent), b"".join(caller))
+
+
+# -- 3. a spool that cannot be written ----------------------------------------------
+
+
+class SmallDisk:
+    """A tmpfs mounted for one test, that can be filled to ENOSPC and emptied again."""
+
+    def __init__(self, path, size: str):
+        self.path = str(path)
+        os.makedirs(self.path)
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", self.path],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip()}): needs root")
+        self._filler = os.path.join(self.path, "filler")
+
+    def fill(self) -> None:
+        """Write until the disk is full."""
+        with open(self._filler, "ab") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+        for n in range(100):  # and the last few bytes
+            try:
+                with open(f"{self._filler}-{n}", "wb") as f:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                break
+
+    def empty(self) -> None:
+        for name in os.listdir(self.path):
+            if name.startswith("filler"):
+                os.unlink(os.path.join(self.path, name))
+
+    def remount(self, option: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{option}", self.path], check=True)
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "-l", self.path], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (request it before recorder_factory: it is unmounted after)."""
+    disk = SmallDisk(tmp_path / "small", "2m")
+    yield disk
+    disk.unmount()
+
+
+class LogLines:
+    """The log events emitted while in use, and their text as twistd writes it."""
+
+    def __enter__(self):
+        from twisted.logger import globalLogPublisher
+
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        return self
+
+    def __exit__(self, *exc):
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(self.events.append)
+
+    def texts(self, containing: str = "") -> list[str]:
+        from twisted.logger import formatEventAsClassicLogText
+
+        out = [formatEventAsClassicLogText(e) for e in self.events]
+        return [t for t in out if t and containing in t]
+
+    def failures(self) -> list[dict]:
+        return [e for e in self.events if "log_failure" in e]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_call_on_a_full_spool_is_refused_with_a_sentence(small_disk, recorder_factory):
+    """Spool full: each new call is closed 1011 saying so, one log line for all of them and
+    no traceback; once there is room again, a call records sample-exact."""
+    rec = await recorder_factory(spool=os.path.join(small_disk.path, "spool"))
+    small_disk.fill()
+    with LogLines() as logs:
+        for n in range(5):
+            conn = await connect(reactor(), rec.port)
+            conn.send_all([connected(), start(f"full-{n}", n)])
+            code, reason = await within(conn.closed, 10)
+            assert (code, reason) == (1011, "the recorder's spool is full: the call is not recorded")
+    [line] = logs.texts("spool is full")
+    assert "call full-0/0 is not recorded: the recorder's spool is full (No space left on device" \
+        in line and "closed with 1011" in line and line.count("\n") == 1
+    assert logs.failures() == []
+    assert rec.service.metrics.closed[1011] == 5
+    small_disk.empty()
+    agent, caller = frames(40, 85), frames(40, 86)
+    code, _ = await record_call(rec, agent, caller, call_id="after-full")
+    assert code == 1000
+    [sidecar] = await rec.archived()
+    assert_channels(sidecar, b"".join(agent), b"".join(caller))
+
+
+def read_close(sock: socket.socket) -> tuple[int, str]:
+    """Read (blocking) until the server's close frame: its code and reason."""
+    data = b""
+    sock.settimeout(10)
+    while True:
+        closes = [p for op, p in server_frames(data) if op == 8]
+        if closes:
+            return struct.unpack("!H", closes[0][:2])[0], closes[0][2:].decode()
+        chunk = sock.recv(65536)
+        assert chunk, "the recorder dropped the connection without a close frame"
+        data += chunk
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_running_call_on_a_full_spool_logs_one_sentence(small_disk, recorder_factory):
+    """The spool fills mid-call: the socket is closed 1011 with a sentence, logged once
+    however many reads fail, and what reached the disk is archived sample-exact."""
+    rec = await recorder_factory(spool=os.path.join(small_disk.path, "spool"),
+                                 reconnect_grace=0.5)
+    agent = frames(400, 87)
+    sent = [frame(text(media_msg(AGENT, i + 1, agent[i]))) for i in range(400)]
+    sock = await threads.deferToThread(raw_upgrade, rec.port)
+    try:
+        sock.sendall(frame(text(dict(START, metadata=dict(START["metadata"], callId="filling")))))
+        sock.sendall(b"".join(sent[:100]))
+        await sleep(0.5)  # handled and written
+        small_disk.fill()
+
+        def after_the_fill():
+            # One write a frame, without reading: the recorder reads them in many
+            # reads, before and after it sent its close.
+            for f in sent[100:]:
+                sock.sendall(f)
+                time.sleep(0.001)
+            return read_close(sock)
+
+        with LogLines() as logs:
+            code, reason = await threads.deferToThread(after_the_fill)
+            await sleep(0.2)
+    finally:
+        sock.close()
+    small_disk.empty()
+    [sidecar] = await rec.archived()
+    assert (code, reason) == (1011, "the recorder's spool is full: no more audio of this socket "
+                                    "can be kept")
+    [line] = logs.texts("spool is full")
+    assert "call filling/1: the recorder's spool is full (No space left on device" in line
+    assert logs.failures() == []
+    kept = sidecar["perspectives"][AGENT]["frames"]
+    assert 100 <= kept < 400
+    assert_channels(sidecar, b"".join(agent[:kept]), b"\xff" * 160 * kept)  # caller: silence
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_call_on_a_read_only_spool_is_refused_with_a_sentence(small_disk,
+                                                                         recorder_factory):
+    """Spool remounted read-only: a new call is closed 1011, "spool is not writable"."""
+    rec = await recorder_factory(spool=os.path.join(small_disk.path, "spool"))
+    small_disk.remount("ro")
+    try:
+        with LogLines() as logs:
+            conn = await connect(reactor(), rec.port)
+            conn.send_all([connected(), start("read-only", 1)])
+            code, reason = await within(conn.closed, 10)
+    finally:
+        small_disk.remount("rw")
+    assert (code, reason) == (1011, "the recorder's spool is not writable: the call is not "
+                                    "recorded")
+    [line] = logs.texts("not writable")
+    assert "(Read-only file system" in line
+    assert logs.failures() == []
