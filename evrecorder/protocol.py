@@ -78,6 +78,22 @@ def _first_values(params: dict) -> dict:
     return {k: (v[0] if len(v) == 1 else list(v)) for k, v in params.items()}
 
 
+def _without_secret(value):
+    """``value`` with every ``secret`` field removed, at any depth (any case).
+
+    Start and Stop metadata and the query are archived verbatim but for this:
+    a secret is never kept, wherever a client put it.
+    """
+    if isinstance(value, dict):
+        return {
+            k: _without_secret(v) for k, v in value.items()
+            if not (isinstance(k, str) and k.lower() == "secret")
+        }
+    if isinstance(value, list):
+        return [_without_secret(v) for v in value]
+    return value
+
+
 def _content_type_ok(metadata: dict) -> str | None:
     """None when the stream is 8 kHz mu-law, else the reason it is not."""
     ctype = metadata.get("contentType") or metadata.get("audioContentType")
@@ -210,7 +226,7 @@ class RecorderProtocol(WebSocketServerProtocol):
             self._authenticated = True
         else:
             self._authenticated = not checker.required
-        self._query = _first_values(params)
+        self._query = _without_secret(_first_values(params))
         registry = factory.registry
         if len(registry.calls) >= factory.settings.max_calls and not registry.has_call(
             _key_part({}, self._query, _CALL_ID), _key_part({}, self._query, _SESSION_ID)
@@ -419,7 +435,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         if not isinstance(metadata, dict):
             raise CallError(1007, "Start has no metadata object")
         _check_text(metadata, "Start")
-        metadata = {k: v for k, v in metadata.items() if k != "secret"}
+        metadata = _without_secret(metadata)
         if self._start_metadata is not None:
             if metadata != self._start_metadata:
                 raise CallError(1008, "a second Start with different metadata")
@@ -483,6 +499,7 @@ class RecorderProtocol(WebSocketServerProtocol):
             metadata = None
         else:
             _check_text(metadata, "Stop")
+            metadata = _without_secret(metadata)
         perspective = msg.get("perspective")
         if perspective is None and metadata is not None:
             perspective = metadata.get("perspective")

@@ -399,3 +399,37 @@ async def test_a_new_call_on_a_read_only_spool_is_refused_with_a_sentence(small_
     [line] = logs.texts("not writable")
     assert "(Read-only file system" in line
     assert logs.failures() == []
+
+
+# -- 4. a secret wherever a client puts it ------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_secret_anywhere_in_start_stop_or_query_is_never_archived(recorder_factory):
+    """Secrets nested in Start and Stop metadata (any case, in lists) and in the query are
+    in none of the archived bytes, nor the log; every other field is kept verbatim."""
+    rec = await recorder_factory(secrets=[SECRET])
+    nested = {"keep": 1, "secret": SECRET, "deeper": [{"Secret": SECRET, "keep": "yes"}]}
+    agent = frames(20, 88)
+    with LogLines() as logs:
+        conn = await connect(reactor(), rec.port,
+                             query={"callId": "hidden", "secret": SECRET, "SECRET": SECRET})
+        start_msg = start("hidden", 3, extra=nested, secret=SECRET)
+        start_msg["secret"] = SECRET
+        conn.send_all([connected(secret=SECRET), start_msg])
+        for i, f in enumerate(agent):
+            conn.send(media(AGENT, i + 1, f))
+        conn.send({"event": "Stop", "secret": SECRET,
+                   "metadata": {"duration": 1, "SeCrEt": SECRET, "extra": nested}})
+        code, _ = await within(conn.closed, 10)
+        [sidecar] = await rec.archived()
+    assert code == 1000
+    for path in (sidecar["_wav"], sidecar["_wav"][:-4] + ".json"):
+        with open(path, "rb") as f:
+            assert SECRET.encode() not in f.read(), path
+    kept = {"keep": 1, "deeper": [{"keep": "yes"}]}
+    assert sidecar["metadata"]["extra"] == kept and "secret" not in sidecar["metadata"]
+    assert sidecar["perspectives"][AGENT]["stop"] == {"duration": 1, "extra": kept}
+    assert sidecar["query"] == {"callId": "hidden"}
+    assert_channels(sidecar, b"".join(agent), b"\xff" * 160 * 20)
+    assert not [t for t in logs.texts() if SECRET in t]
