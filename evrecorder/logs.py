@@ -6,6 +6,16 @@ JSON object a line to standard output: ``time`` (RFC 3339, UTC), ``level``,
 that are plain values (``call_id``, ``session_id``, ``key``, ``reason``,
 ``code`` ...), so a shipper can index them without parsing the text.
 
+Identifiers come from clients (a callId, an agentId, a query value) and may
+hold control characters: a newline would forge a log line, ESC would drive
+the operator's terminal.  :func:`escape_control_characters` adds an observer
+to the global log publisher, ahead of the ones that write (the WebSocket
+door adds it when it is made, before twistd adds its own observers), that
+escapes them in every event's string fields as Python's ``repr`` would
+(``\\n``, ``\\x00``, ``\\x1b``): whichever module logged the value, and
+whichever observer writes the line (twistd's text, the JSON lines above).
+A field then holds the escaped text in JSON too.
+
 :class:`RateLimit` keeps a fault that repeats (a full spool disk, every read)
 to one line a while, saying how many it stood for.  :func:`spool_problem`
 says in words what an ``OSError`` of the spool means for an operator.
@@ -15,11 +25,13 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import sys
 from datetime import datetime, timezone
 from typing import Hashable, TextIO
 
-from twisted.logger import FileLogObserver, formatEvent
+from twisted.logger import FileLogObserver, ILogObserver, LogPublisher, formatEvent
+from zope.interface import provider
 
 
 def _as_json(event: dict) -> str:
@@ -82,3 +94,39 @@ def spool_problem(error: OSError) -> str:
     if error.errno in _READ_ONLY:
         return "the recorder's spool is not writable"
     return "the recorder cannot write to its spool"
+
+
+#: C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match) -> str:
+    return repr(match.group())[1:-1]
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped as ``repr`` would: one safe line."""
+    return _CONTROL.sub(_escape, text) if _CONTROL.search(text) else text
+
+
+@provider(ILogObserver)
+def _escape_fields(event: dict) -> None:
+    # In place: the observers after this one see the same event.  Twisted's
+    # own keys (log_format, log_failure ...) are left alone.
+    for name, value in event.items():
+        if type(value) is str and not name.startswith("log_") and _CONTROL.search(value):
+            event[name] = _CONTROL.sub(_escape, value)
+
+
+_escaping: list[LogPublisher] = []
+
+
+def escape_control_characters(publisher: LogPublisher | None = None) -> None:
+    """Escape control characters in the string fields of every event of
+    ``publisher`` (default: the global one) for the observers added after this."""
+    if publisher is None:
+        from twisted.logger import globalLogPublisher as publisher
+    if any(p is publisher for p in _escaping):
+        return
+    publisher.addObserver(_escape_fields)
+    _escaping.append(publisher)

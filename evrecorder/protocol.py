@@ -42,7 +42,7 @@ from zope.interface import implementer
 from evrecorder import fastmask
 from evrecorder.fastmask import unmask as _unmask
 from evrecorder.call import Call, CallError, CallRegistry
-from evrecorder.logs import RateLimit, spool_problem
+from evrecorder.logs import RateLimit, escape_control_characters, spool_problem
 from evrecorder.settings import PERSPECTIVES, Settings
 
 _log = Logger()
@@ -614,6 +614,7 @@ class RecorderFactory(WebSocketServerFactory):
     def __init__(self, registry: CallRegistry, settings: Settings, clock):
         super().__init__()
         fastmask.install()
+        escape_control_characters()  # client identifiers reach the log: see evrecorder.logs
         self.registry = registry
         self.settings = settings
         self.clock = clock

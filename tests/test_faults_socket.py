@@ -433,3 +433,115 @@ async def test_a_secret_anywhere_in_start_stop_or_query_is_never_archived(record
     assert sidecar["query"] == {"callId": "hidden"}
     assert_channels(sidecar, b"".join(agent), b"\xff" * 160 * 20)
     assert not [t for t in logs.texts() if SECRET in t]
+
+
+# -- 5. control characters in identifiers ------------------------------------------
+
+EVIL_ID = "evil\n\x00\x1b[31m\u2028"
+EVIL_SHOWN = "evil\\n\\x00\\x1b[31m\\u2028"
+
+
+def test_control_characters_in_fields_are_escaped_for_every_observer():
+    """A field with newline, NUL, ESC, U+2028 is one escaped line in twistd's text format
+    and in the JSON lines; log_* keys and the format are untouched."""
+    import io
+    import json
+
+    from twisted.logger import Logger, LogPublisher, textFileLogObserver
+
+    from evrecorder.logs import escape_control_characters, json_observer
+
+    publisher = LogPublisher()
+    escape_control_characters(publisher)
+    escape_control_characters(publisher)  # once is enough
+    text_out, json_out = io.StringIO(), io.StringIO()
+    publisher.addObserver(textFileLogObserver(text_out))
+    publisher.addObserver(json_observer(json_out))
+    Logger(namespace="t", observer=publisher).warn(
+        "closing socket (call {call_id}/{session_id}) with {code}", call_id=EVIL_ID,
+        session_id="plain", code=1008,
+    )
+    [line] = text_out.getvalue().splitlines(keepends=True)
+    assert line.endswith(f"[t#warn] closing socket (call {EVIL_SHOWN}/plain) with 1008\n")
+    [record] = [json.loads(x) for x in json_out.getvalue().splitlines()]
+    assert record["text"] == f"closing socket (call {EVIL_SHOWN}/plain) with 1008"
+    assert record["call_id"] == EVIL_SHOWN and record["code"] == 1008
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_id_with_control_characters_is_logged_escaped(recorder_factory):
+    """Every log line about a call whose callId holds control characters is one line, with
+    them escaped; the call itself is recorded sample-exact."""
+    rec = await recorder_factory()
+    agent = frames(10, 89)
+    with LogLines() as logs:
+        code, _ = await record_call(rec, agent, agent, call_id=EVIL_ID)
+        [sidecar] = await rec.archived()
+        await sleep(0.1)
+    assert code == 1000 and sidecar["callId"] == EVIL_ID
+    assert_channels(sidecar, b"".join(agent), b"".join(agent))
+    lines = logs.texts("evil")
+    assert len(lines) >= 3  # started, ended, archived
+    for line in lines:
+        assert EVIL_SHOWN in line and line.count("\n") == 1 and "\x00" not in line, line
+
+
+# -- the same, against twistd as a process ---------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_memory_stays_flat_under_a_ping_flood_that_never_reads(tmp_path):
+    """twistd's RSS grows by less than 8 MiB while a client without a secret pings for
+    5 s and never reads (it grew 80 MiB in 6 s when every pong was queued)."""
+    from test_process import free_port, listening, start_twistd, until
+
+    port = free_port()
+    proc = start_twistd(tmp_path, port, "flood", "--secret", SECRET)
+    try:
+        await until(lambda: listening(port), what="the recorder to listen")
+        sock = await threads.deferToThread(raw_upgrade, port)
+        await sleep(0.5)
+        before = rss_kib(proc.pid)
+        sent = await threads.deferToThread(flood, sock, 5.0, threading.Event())
+        after = rss_kib(proc.pid)
+        sock.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    print(f"sent {sent} bytes; RSS {before} KiB -> {after} KiB")
+    assert sent > 1024 * 1024
+    assert after - before < 8 * 1024, f"RSS grew from {before} KiB to {after} KiB"
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_log_escapes_control_characters_in_a_call_id(tmp_path):
+    """twistd's own text log holds no raw NUL, ESC or stray newline from a callId: each
+    line about the call shows them escaped."""
+    from test_process import free_port, listening, start_twistd, until
+
+    port = free_port()
+    proc = start_twistd(tmp_path, port, "evil")
+    try:
+        await until(lambda: listening(port), what="the recorder to listen")
+        agent = frames(5, 90)
+        conn = await connect(reactor(), port, query={"agentId": "a\x1b[2J"})
+        conn.send_all([connected(), start(EVIL_ID, 1, agentId="\x1b]0;owned\x07")]
+                      + [media(AGENT, i + 1, f) for i, f in enumerate(agent)]
+                      + [{"event": "Stop", "metadata": {}}])
+        assert (await within(conn.closed, 10))[0] == 1000
+        await until(lambda: list((tmp_path / "archive").rglob("*.json")), what="the archive")
+        await sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    log = (tmp_path / "evil.log").read_bytes()
+    assert b"\x00" not in log and b"\x1b" not in log and b"\x07" not in log
+    lines = [line for line in log.decode().splitlines() if "evil" in line]
+    assert len(lines) >= 3, log.decode()  # started, ended, archived
+    assert all(EVIL_SHOWN in line for line in lines), lines
+    assert "agent \\x1b]0;owned\\x07" in log.decode()
