@@ -52,6 +52,15 @@ _CALL_ID = ("callId", "callid", "call_id")
 _SESSION_ID = ("sessionId", "sessionid", "session_id")
 _OPEN = WebSocketProtocol.STATE_OPEN
 _NOT_UTF8 = object()
+#: The opening handshake (request line and headers) may be this long, as
+#: twisted.web allows; a longer one is refused with HTTP 431.  Autobahn keeps
+#: reading until the blank line, with no limit of its own.
+MAX_HANDSHAKE_BYTES = 16 * 1024
+#: A message may come in this many frames at most (1009 beyond).  Autobahn
+#: bounds a message's bytes, not its frames: empty continuation frames
+#: would each add to a list for as long as the message never ends.
+MAX_MESSAGE_FRAMES = 1024
+_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 _MULAW_TYPES = {"audio/x-mulaw", "audio/mulaw", "audio/basic", "audio/pcmu", "mulaw", "ulaw", "pcmu"}
 
 
@@ -182,6 +191,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         self._fast = False  # set at onOpen: see _fast_read
         self._fast_limit = 0
         self._admission = None  # the --handshake-timeout timer for secret and Start
+        self._message_frames = 0  # frames of the message being received
 
     # -- handshake -------------------------------------------------------
 
@@ -247,6 +257,8 @@ class RecorderProtocol(WebSocketServerProtocol):
                 self._fast_read(data)
             else:
                 self._dataReceived(data)
+                if self.state == _CONNECTING:
+                    self._bound_handshake()
         finally:
             call = self._call
             if call is not None:
@@ -357,6 +369,39 @@ class RecorderProtocol(WebSocketServerProtocol):
         if pos < end:
             self.data = data[pos:] if pos else data
             self.consumeData()
+
+    # -- per-socket buffers Autobahn does not bound ----------------------
+
+    def _bound_handshake(self) -> None:
+        """Refuse an opening handshake that has grown past MAX_HANDSHAKE_BYTES
+        without its blank line (HTTP 431), instead of buffering it all."""
+        if len(self.data) > MAX_HANDSHAKE_BYTES:
+            self.factory.metrics.rejected["too-large"] += 1
+            _log.warn(
+                "handshake from {peer} refused: its request headers pass {limit} bytes",
+                peer=self.peer, limit=MAX_HANDSHAKE_BYTES,
+            )
+            self.data = b""
+            self.failHandshake("Request Header Fields Too Large", 431)
+
+    def onMessageBegin(self, isBinary):
+        super().onMessageBegin(isBinary)
+        self._message_frames = 0
+
+    def onMessageFrameBegin(self, length):
+        super().onMessageFrameBegin(length)
+        self._message_frames += 1
+        if self._message_frames > MAX_MESSAGE_FRAMES and not self.failedByMe:
+            reason = f"a message in more than {MAX_MESSAGE_FRAMES} frames"
+            self.factory.metrics.closed[1009] += 1
+            _log.warn(
+                "closing socket from {peer} with {code}: {reason}",
+                peer=self._peer_name, code=1009, reason=reason,
+            )
+            # As Autobahn fails a message that is too large: nothing more of
+            # the message is kept while the close completes.
+            self._fail_connection(1009, reason)
+            self.message_data = []
 
     def onMessageEnd(self) -> None:
         # As Autobahn's, without firing a "message" event (a Deferred per

@@ -109,7 +109,7 @@ def open_socket(tmp_path, clock):
     from evrecorder.settings import Settings
     from evrecorder.spool import Spool
 
-    def make(**settings):
+    def make(handshake: bytes = HANDSHAKE, **settings):
         s = Settings(spool=str(tmp_path / "spool"), archive=str(tmp_path / "archive"), **settings)
         spool = Spool(s.spool)
         spool.prepare()
@@ -117,9 +117,10 @@ def open_socket(tmp_path, clock):
         proto = factory.buildProtocol(address.IPv4Address("TCP", "127.0.0.1", 40000))
         transport = Transport()
         proto.makeConnection(transport)
-        proto.dataReceived(HANDSHAKE)
-        assert proto.state == proto.STATE_OPEN
-        transport.clear()
+        if handshake:
+            proto.dataReceived(handshake)
+            assert proto.state == proto.STATE_OPEN
+            transport.clear()
         return proto, transport
 
     return make
@@ -484,6 +485,89 @@ async def test_a_call_id_with_control_characters_is_logged_escaped(recorder_fact
     assert len(lines) >= 3  # started, ended, archived
     for line in lines:
         assert EVIL_SHOWN in line and line.count("\n") == 1 and "\x00" not in line, line
+
+
+# -- 6. buffers Autobahn leaves unbounded -------------------------------------------
+
+
+def test_an_endless_handshake_is_refused_431_at_16_kib(open_socket):
+    """Request headers that never end are refused with HTTP 431 at 16 KiB, not buffered."""
+    proto, transport = open_socket(handshake=b"")
+    proto.dataReceived(b"GET /?callId=x HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    for _ in range(16):
+        proto.dataReceived(line)
+        assert transport.value() == b""
+    proto.dataReceived(line)
+    assert transport.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert transport.disconnecting and proto.data == b""
+    assert proto.factory.metrics.rejected["too-large"] == 1
+
+
+def test_a_handshake_under_16_kib_is_taken(open_socket):
+    """A long but legitimate handshake (15 KiB of headers) still opens the socket."""
+    pad = b"X-Pad: " + b"a" * 15000 + b"\r\n"
+    proto, transport = open_socket(handshake=HANDSHAKE[:-2] + pad + b"\r\n")
+    assert proto.state == proto.STATE_OPEN
+
+
+def test_a_message_in_endless_empty_fragments_is_closed_1009(open_socket):
+    """Empty continuation frames cannot grow a message without end: 1009 after 1024 frames."""
+    proto, transport = open_socket()
+    proto.dataReceived(frame(b'{"event":', fin=False))
+    empty = frame(b"", opcode=0, fin=False)
+    proto.dataReceived(empty * 1023)
+    assert transport.value() == b"" and len(proto.message_data) <= 1024
+    proto.dataReceived(empty * 5000)
+    assert close_code(transport.value()) == 1009
+    assert close_reason(transport.value()) == "a message in more than 1024 frames"
+    assert not proto.message_data  # nothing more kept while the close completes
+
+
+def test_a_message_in_a_few_fragments_is_still_taken(open_socket):
+    """A Start cut into 20 frames is one message, as before."""
+    proto, transport = open_socket()
+    start_msg = text(START)
+    step = len(start_msg) // 20 + 1
+    parts = [start_msg[i:i + step] for i in range(0, len(start_msg), step)]
+    proto.dataReceived(b"".join(
+        frame(part, opcode=1 if i == 0 else 0, fin=i == len(parts) - 1)
+        for i, part in enumerate(parts)
+    ))
+    assert proto._start_metadata == START["metadata"] and proto._call is not None
+    assert transport.value() == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_endless_handshake_on_a_real_socket_gets_431(recorder_factory):
+    """A client streaming header lines forever gets HTTP 431 and is disconnected; a call
+    beside it records sample-exact."""
+
+    def endless(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            try:
+                for _ in range(1000):  # up to 1 MB
+                    sock.sendall(b"X-Pad: " + b"a" * 1000 + b"\r\n")
+            except OSError:
+                pass  # closed on us: expected
+            data = b""
+            try:
+                while chunk := sock.recv(65536):
+                    data += chunk
+            except OSError:
+                pass
+            return data
+
+    rec = await recorder_factory()
+    refused = threads.deferToThread(endless, rec.port)
+    agent, caller = frames(30, 91), frames(30, 92)
+    code, _ = await record_call(rec, agent, caller, call_id="beside-431")
+    answer = await within(refused, 20)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+    assert code == 1000
+    [sidecar] = await rec.archived()
+    assert_channels(sidecar, b"".join(agent), b"".join(caller))
 
 
 # -- the same, against twistd as a process ---------------------------------------
