@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -46,15 +47,19 @@ def masked_frame(payload: bytes, opcode: int) -> bytes:
 PING = masked_frame(b"p" * 125, 0x9)  # the largest ping: each owes a 127-byte pong
 
 
-def raw_upgrade(port: int, rcvbuf: int = 4096) -> socket.socket:
-    """A plain socket past the opening handshake (its 101 response read, nothing after).
-
-    Blocking: call it in a thread.
+def raw_upgrade(port: int, rcvbuf: int = 4096, tls: bool = False) -> socket.socket:
+    """A plain (or TLS) socket past the opening handshake (its 101 response read, nothing
+    after).  Blocking: call it in a thread.
     """
     sock = socket.socket()
     sock.settimeout(10)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # the client reads nothing
     sock.connect(("127.0.0.1", port))
+    if tls:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        sock = ctx.wrap_socket(sock)
     sock.sendall(UPGRADE)
     head = b""
     while b"\r\n\r\n" not in head:
@@ -88,6 +93,8 @@ def unsent(proto) -> int:
     ``_tempDataLen``): the measure of what a client that does not read costs.
     """
     t = proto.transport
+    while not hasattr(t, "dataBuffer"):  # TLS: what it wrote waits in the TCP transport
+        t = t.transport
     return len(t.dataBuffer) - t.offset + t._tempDataLen
 
 
@@ -129,12 +136,24 @@ def open_socket(tmp_path, clock):
 # -- 1. a client that never reads -------------------------------------------------
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
 @pytest_twisted.ensureDeferred
-async def test_a_client_that_pings_and_never_reads_is_held_by_tcp(recorder_factory):
+async def test_a_client_that_pings_and_never_reads_is_held_by_tcp(recorder_factory, tmp_path,
+                                                                   tls):
     """Pings from a client that never reads (no secret) keep the server's unsent output
     under 256 KiB, and a call beside it is recorded sample-exact."""
-    rec = await recorder_factory(secrets=[SECRET])
-    sock = await threads.deferToThread(raw_upgrade, rec.port)  # blocking: not on the reactor
+    listen = "tcp:0:interface=127.0.0.1"
+    if tls:
+        from test_tls import make_certificate
+
+        key, cert = make_certificate(tmp_path)
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    rec = await recorder_factory(secrets=[SECRET], listen=listen)
+    flood_port = rec.port
+    if tls:  # the call beside it comes over ws, to the same recorder
+        plain = rec.service.add_listener("tcp:0:interface=127.0.0.1")
+        rec.port = (await plain._waitingForPort).getHost().port
+    sock = await threads.deferToThread(raw_upgrade, flood_port, tls=tls)  # blocking: not here
     stop = threading.Event()
     try:
         await sleep(0.1)
