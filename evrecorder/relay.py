@@ -111,6 +111,7 @@ class RelayedConnection(Int32StringReceiver):
         self._over = False  # the call is over for this socket: nothing more is taken
         self._taken = 0  # messages after the join handled
         self._acked = 0  # ... and acknowledged
+        self._key = ("-", "-")  # the call's ids, once the join named them
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -136,11 +137,11 @@ class RelayedConnection(Int32StringReceiver):
         then ends, so it is said once), and the socket is refused with it."""
         call = self.call
         problem = spool_problem(error)
+        call_id, session_id = self._key
         log.error(
             "call {call_id}/{session_id} (a socket relayed from a sibling): {problem} "
             "({strerror}, spool {spool}); the socket is closed with 1011",
-            call_id=call.call_id if call else "-", session_id=call.session_id if call else "-",
-            problem=problem, strerror=error.strerror or str(error),
+            call_id=call_id, session_id=session_id, problem=problem, strerror=error.strerror or str(error),
             spool=self.registry.spool.root,
         )
         if call is None:
@@ -165,6 +166,7 @@ class RelayedConnection(Int32StringReceiver):
             elif kind == b"J":
                 if self.call is None:
                     j = orjson.loads(msg[1:])
+                    self._key = (j["callId"], j["sessionId"])
                     self.call = self.registry.join(
                         self, j["callId"], j["sessionId"], j["metadata"], j["query"],
                         j["connectedAt"], relayed=True,

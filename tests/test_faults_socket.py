@@ -421,6 +421,42 @@ async def test_a_new_call_on_a_read_only_spool_is_refused_with_a_sentence(small_
     assert logs.failures() == []
 
 
+def test_a_relayed_call_on_a_full_spool_is_refused_with_a_sentence(small_disk, clock):
+    """The owner of a relayed call cannot make its spool entry: the relaying side is told
+    1011 with the sentence, and the log says it once, without a traceback."""
+    import json
+
+    from twisted.internet.testing import StringTransport
+
+    from evrecorder import relay
+    from evrecorder.call import CallRegistry
+    from evrecorder.settings import Settings
+    from evrecorder.spool import Spool
+
+    settings = Settings(spool=os.path.join(small_disk.path, "spool"))
+    spool = Spool(settings.spool)
+    spool.prepare()
+    registry = CallRegistry(spool, settings, clock, lambda call: None)
+    server = relay.RelayServerFactory(registry)
+    conn = server.buildProtocol(None)
+    transport = StringTransport()
+    conn.makeConnection(transport)
+    small_disk.fill()
+    join = b"J" + json.dumps({"callId": "relayed", "sessionId": "1", "metadata": {},
+                              "query": {}, "connectedAt": 0.0}).encode()
+    with LogLines() as logs:
+        conn.dataReceived(struct.pack("!I", len(join)) + join)
+    written = transport.value()
+    (length,) = struct.unpack_from("!I", written)
+    assert written[4:5] == b"E" and struct.unpack_from("!H", written, 5)[0] == 1011
+    assert written[7:4 + length].decode() == "the recorder's spool is full: the call is not recorded"
+    assert transport.disconnecting
+    [line] = logs.texts("spool is full")
+    assert "call relayed/1 (a socket relayed from a sibling): the recorder's spool is full" \
+        in line and "closed with 1011" in line
+    assert logs.failures() == []
+
+
 # -- 4. a secret wherever a client puts it ------------------------------------------
 
 
