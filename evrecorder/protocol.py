@@ -18,9 +18,17 @@ Close codes:
 1003   a binary frame, an unknown event, or audio that is not 8 kHz mu-law
 1007   invalid JSON, base64, sequenceId, perspective or payload size
 1008   no secret before the first Media, a wrong secret in a message,
-       Media before Start, a second Start with other metadata
-1009   a message larger than ``--max-message-size`` (Autobahn)
+       Media before Start, a second Start with other metadata; no valid
+       secret or no Start within ``--handshake-timeout`` of the handshake
+1009   a message larger than ``--max-message-size`` (Autobahn), or in
+       more than :data:`MAX_MESSAGE_FRAMES` frames
+1011   the spool cannot be written (full, read-only): a sentence says so
 =====  ==========================================================
+
+Memory per socket is bounded whatever a client sends: a socket whose unsent
+output is above the transport's buffer size is not read until it drains
+(:class:`_ReadWhileDrained`), the opening handshake is cut at
+:data:`MAX_HANDSHAKE_BYTES`, a message at :data:`MAX_MESSAGE_FRAMES`.
 """
 
 from __future__ import annotations
