@@ -22,6 +22,7 @@ from typing import Callable, Protocol
 
 from twisted.logger import Logger
 
+from evrecorder.logs import spool_problem
 from evrecorder.metrics import Metrics
 from evrecorder.settings import PERSPECTIVES, Settings
 from evrecorder.spool import CallSpool, Spool
@@ -32,6 +33,12 @@ FRAME_SECONDS = 0.020
 #: A Stop on a socket that carried no media may end a perspective another
 #: socket carries only once that perspective has sent nothing for this long.
 QUIET_SECONDS = 1.0
+
+
+def _spool_error(error: OSError) -> dict:
+    """Log fields for a failed spool write: a sentence, not a traceback (a full
+    disk would otherwise print one per call and failure)."""
+    return {"problem": spool_problem(error), "strerror": error.strerror or str(error)}
 
 
 class Connection(Protocol):
@@ -197,11 +204,12 @@ class Call:
             self.spool.append_event(
                 {"event": "stop", "perspective": perspective, "at": now, "metadata": metadata}
             )
-        except OSError:
+        except OSError as e:
             # The Stop still ends what it ends; the recording keeps what is on disk.
-            log.failure(
-                "call {call_id}/{session_id}: a Stop could not be written to the spool",
-                call_id=self.call_id, session_id=self.session_id,
+            log.error(
+                "call {call_id}/{session_id}: a Stop could not be written to the spool: "
+                "{problem} ({strerror})",
+                call_id=self.call_id, session_id=self.session_id, **_spool_error(e),
             )
         if perspective is not None:
             self._stopped[perspective] = metadata
@@ -245,18 +253,20 @@ class Call:
             self.spool.append_event(
                 {"event": "end", "reason": reason, "complete": self.complete, "at": self.ended_at}
             )
-        except OSError:
-            log.failure(
-                "call {call_id}/{session_id}: its end could not be written to the spool",
-                call_id=self.call_id, session_id=self.session_id,
+        except OSError as e:
+            log.error(
+                "call {call_id}/{session_id}: its end could not be written to the spool: "
+                "{problem} ({strerror})",
+                call_id=self.call_id, session_id=self.session_id, **_spool_error(e),
             )
         try:
             self.spool.close()
-        except OSError:
+        except OSError as e:
             # What reached the disk is still finalized and archived below.
-            log.failure(
-                "call {call_id}/{session_id}: its last frames could not be written",
-                call_id=self.call_id, session_id=self.session_id,
+            log.error(
+                "call {call_id}/{session_id}: its last frames could not be written: "
+                "{problem} ({strerror})",
+                call_id=self.call_id, session_id=self.session_id, **_spool_error(e),
             )
         for conn in list(self._connections):
             conn.end_call(1000 if reason == "stop" else 1001, "call ended: " + reason)

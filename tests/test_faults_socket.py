@@ -372,7 +372,8 @@ def read_close(sock: socket.socket) -> tuple[int, str]:
 @pytest_twisted.ensureDeferred
 async def test_a_running_call_on_a_full_spool_logs_one_sentence(small_disk, recorder_factory):
     """The spool fills mid-call: the socket is closed 1011 with a sentence, logged once
-    however many reads fail, and what reached the disk is archived sample-exact."""
+    however many reads fail; the call's end says its last frames could not be written,
+    in a sentence too; and what reached the disk is archived sample-exact."""
     rec = await recorder_factory(spool=os.path.join(small_disk.path, "spool"),
                                  reconnect_grace=0.5)
     agent = frames(400, 87)
@@ -394,16 +395,20 @@ async def test_a_running_call_on_a_full_spool_logs_one_sentence(small_disk, reco
 
         with LogLines() as logs:
             code, reason = await threads.deferToThread(after_the_fill)
-            await sleep(0.2)
+            sock.close()
+            await sleep(1.0)  # the call ends after --reconnect-grace, the disk still full
     finally:
         sock.close()
     small_disk.empty()
     [sidecar] = await rec.archived()
     assert (code, reason) == (1011, "the recorder's spool is full: no more audio of this socket "
                                     "can be kept")
-    [line] = logs.texts("spool is full")
-    assert "call filling/1: the recorder's spool is full (No space left on device" in line
-    assert logs.failures() == []
+    [line] = logs.texts("call filling/1: the recorder's spool is full")
+    assert "(No space left on device, spool " in line and "closed with 1011" in line
+    [line] = logs.texts("call filling/1: its last frames could not be written")
+    assert line.endswith("the recorder's spool is full (No space left on device)\n")
+    ours = ("evrecorder.protocol", "evrecorder.call")
+    assert [e for e in logs.failures() if e["log_namespace"] in ours] == []
     kept = sidecar["perspectives"][AGENT]["frames"]
     assert 100 <= kept < 400
     assert_channels(sidecar, b"".join(agent[:kept]), b"\xff" * 160 * kept)  # caller: silence
