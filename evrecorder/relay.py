@@ -141,7 +141,8 @@ class RelayedConnection(Int32StringReceiver):
         log.error(
             "call {call_id}/{session_id} (a socket relayed from a sibling): {problem} "
             "({strerror}, spool {spool}); the socket is closed with 1011",
-            call_id=call_id, session_id=session_id, problem=problem, strerror=error.strerror or str(error),
+            call_id=call_id, session_id=session_id, problem=problem,
+            strerror=error.strerror or str(error),
             spool=self.registry.spool.root,
         )
         if call is None:

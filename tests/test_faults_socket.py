@@ -26,7 +26,7 @@ from test_frames import (  # noqa: F401  (clock: a fixture)
     CONNECTED, HANDSHAKE, START, Transport, clock, close_code, frame, media_msg, server_frames,
     text,
 )
-from test_service import AGENT, CALLER, assert_channels, frames, reactor, record_call, sleep
+from test_service import AGENT, assert_channels, frames, reactor, record_call, sleep
 from wsclient import connect, connected, media, start
 
 SECRET = "flood-secret-0123456789"
@@ -249,7 +249,8 @@ async def test_silent_sockets_are_closed_and_a_call_beside_them_is_recorded(reco
     assert code == 1000
     closes = await within(defer.gatherResults([c.closed for c in silent]), 10)
     assert closes == [(1008, "no valid secret within 1.5 s of the handshake")] * 60
-    assert await within(connected_only.closed, 5) == (1008, "no Start within 1.5 s of the handshake")
+    assert await within(connected_only.closed, 5) == (
+        1008, "no Start within 1.5 s of the handshake")
     assert len(rec.service.factory.sockets) == 0
     [sidecar] = await rec.archived()
     assert_channels(sidecar, b"".join(agent), b"".join(caller))
@@ -342,7 +343,8 @@ async def test_a_new_call_on_a_full_spool_is_refused_with_a_sentence(small_disk,
             conn = await connect(reactor(), rec.port)
             conn.send_all([connected(), start(f"full-{n}", n)])
             code, reason = await within(conn.closed, 10)
-            assert (code, reason) == (1011, "the recorder's spool is full: the call is not recorded")
+            assert (code, reason) == (
+                1011, "the recorder's spool is full: the call is not recorded")
     [line] = logs.texts("spool is full")
     assert "call full-0/0 is not recorded: the recorder's spool is full (No space left on device" \
         in line and "closed with 1011" in line and line.count("\n") == 1
@@ -462,7 +464,8 @@ def test_a_relayed_call_on_a_full_spool_is_refused_with_a_sentence(small_disk, c
     written = transport.value()
     (length,) = struct.unpack_from("!I", written)
     assert written[4:5] == b"E" and struct.unpack_from("!H", written, 5)[0] == 1011
-    assert written[7:4 + length].decode() == "the recorder's spool is full: the call is not recorded"
+    assert (written[7:4 + length].decode()
+            == "the recorder's spool is full: the call is not recorded")
     assert transport.disconnecting
     [line] = logs.texts("spool is full")
     assert "call relayed/1 (a socket relayed from a sibling): the recorder's spool is full" \
