@@ -581,7 +581,7 @@ class RecorderProtocol(WebSocketServerProtocol):
             reason = problem + ": the call is not recorded"
             text = ("call {call_id}/{session_id} is not recorded: {problem} ({strerror}, "
                     "spool {spool}); socket from {peer} closed with 1011{more}")
-            more = "; {n} more calls refused so since the last such line"
+            more = "; {n} more calls refused likewise since the last such line"
         else:
             call_id, session_id = call.call_id, call.session_id
             left_out = factory.spool_log.allow((call_id, session_id, error.errno))
