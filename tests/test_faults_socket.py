@@ -332,6 +332,24 @@ class LogLines:
         return [e for e in self.events if "log_failure" in e]
 
 
+def test_rate_limit_says_how_many_lines_it_left_out():
+    """One line per key a minute; the next says how many were left out; keys are apart."""
+    from twisted.internet.task import Clock
+
+    from evrecorder.logs import RateLimit
+
+    clock = Clock()
+    limit = RateLimit(clock, 60.0)
+    assert limit.allow("a") == 0
+    assert [limit.allow("a") for _ in range(4)] == [None] * 4
+    assert limit.allow("b") == 0
+    clock.advance(59.9)
+    assert limit.allow("a") is None
+    clock.advance(0.1)
+    assert limit.allow("a") == 5
+    assert limit.allow("a") is None
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_new_call_on_a_full_spool_is_refused_with_a_sentence(small_disk, recorder_factory):
     """Spool full: each new call is closed 1011 saying so, one log line for all of them and
