@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from evrecorder.dialog import DIALOG_KEY, Dialog
 from evrecorder.errors import CallRejected
 from evrecorder.metrics import Metrics
-from evrecorder.recording import Clock, Connection, Recording, spool_rejection
+from evrecorder.recording import Clock, Connection, Recording, spool_error, spool_rejection
 from evrecorder.settings import PERSPECTIVES, Settings
 from evrecorder.spool import CallSpool, Spool
 
@@ -180,11 +180,12 @@ class Call(Recording):
             self.spool.append_event(
                 {"event": "stop", "perspective": perspective, "at": now, "metadata": metadata}
             )
-        except OSError:
+        except OSError as e:
             # The Stop still ends what it ends; the recording keeps what is on disk.
-            log.failure(
-                "call {call_id}/{session_id}: a Stop could not be written to the spool",
-                call_id=self.call_id, session_id=self.session_id,
+            log.error(
+                "call {call_id}/{session_id}: a Stop could not be written to the spool: "
+                "{problem} ({strerror})",
+                call_id=self.call_id, session_id=self.session_id, **spool_error(e),
             )
         if perspective is not None:
             self._stopped[perspective] = metadata

@@ -62,7 +62,7 @@ from twisted.logger import Logger
 
 from evrecorder.chunkfile import CHUNK_RECORD, MAX_PAYLOAD, MAX_SEGMENTS, MAX_SEQ
 from evrecorder.errors import CallRejected
-from evrecorder.recording import Connection, Recording, spool_rejection
+from evrecorder.recording import Connection, Recording, spool_error, spool_rejection
 from evrecorder.spool import CallSpool
 
 if TYPE_CHECKING:
@@ -178,10 +178,11 @@ class Dialog(Recording):
                 {"event": "streamEnd", "stream": stream.number, "at": at, "reason": reason,
                  "detail": detail}
             )
-        except OSError:
-            log.failure(
-                "dialog {call_id}: the end of stream {stream} could not be written to the spool",
-                call_id=self.call_id, stream=stream.number,
+        except OSError as e:
+            log.error(
+                "dialog {call_id}: the end of stream {stream} could not be written to the "
+                "spool: {problem} ({strerror})",
+                call_id=self.call_id, stream=stream.number, **spool_error(e),
             )
         now = self._clock.seconds()
         self._last_activity = now
@@ -241,10 +242,11 @@ class Dialog(Recording):
                     {"event": "streamEnd", "stream": stream.number, "at": now, "reason": reason,
                      "detail": None}
                 )
-            except OSError:
-                log.failure(
-                    "dialog {call_id}: the end of stream {stream} could not be written",
-                    call_id=self.call_id, stream=stream.number,
+            except OSError as e:
+                log.error(
+                    "dialog {call_id}: the end of stream {stream} could not be written: "
+                    "{problem} ({strerror})",
+                    call_id=self.call_id, stream=stream.number, **spool_error(e),
                 )
         conns = list(self._streams)
         self._streams.clear()

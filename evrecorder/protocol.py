@@ -18,9 +18,17 @@ Close codes:
 1003   a binary frame, an unknown event, or audio that is not 8 kHz mu-law
 1007   invalid JSON, base64, sequenceId, perspective or payload size
 1008   no secret before the first Media, a wrong secret in a message,
-       Media before Start, a second Start with other metadata
-1009   a message larger than ``--max-message-size`` (Autobahn)
+       Media before Start, a second Start with other metadata; no valid
+       secret or no Start within ``--handshake-timeout`` of the handshake
+1009   a message larger than ``--max-message-size`` (Autobahn), or in
+       more than :data:`MAX_MESSAGE_FRAMES` frames
+1011   the spool cannot be written (full, read-only): a sentence says so
 =====  ==========================================================
+
+Memory per socket is bounded whatever a client sends: a socket whose unsent
+output is above the transport's buffer size is not read until it drains
+(:class:`_ReadWhileDrained`), the opening handshake is cut at
+:data:`MAX_HANDSHAKE_BYTES`, a message at :data:`MAX_MESSAGE_FRAMES`.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from autobahn.websocket.types import ConnectionDeny
 from OpenSSL import SSL
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -45,6 +54,7 @@ from evrecorder import fastmask
 from evrecorder.fastmask import unmask as _unmask
 from evrecorder.call import Call, CallRegistry
 from evrecorder.errors import CallRejected
+from evrecorder.logs import RateLimit, escape_control_characters, spool_problem
 from evrecorder.settings import PERSPECTIVES, Settings
 
 _log = Logger()
@@ -75,6 +85,15 @@ _TLS_HINTS = {
     "unsupported protocol": "the client offers only TLS versions older than 1.2",
     "no shared cipher": "the client offers no cipher the recorder accepts",
 }
+#: The opening handshake (request line and headers) may be this long, as
+#: twisted.web allows; a longer one is refused with HTTP 431.  Autobahn keeps
+#: reading until the blank line, with no limit of its own.
+MAX_HANDSHAKE_BYTES = 16 * 1024
+#: A message may come in this many frames at most (1009 beyond).  Autobahn
+#: bounds a message's bytes, not its frames: empty continuation frames
+#: would each add to a list for as long as the message never ends.
+MAX_MESSAGE_FRAMES = 1024
+_CONNECTING = WebSocketProtocol.STATE_CONNECTING
 _MULAW_TYPES = {"audio/x-mulaw", "audio/mulaw", "audio/basic", "audio/pcmu", "mulaw", "ulaw", "pcmu"}
 
 
@@ -118,6 +137,22 @@ class SecretChecker:
 def _first_values(params: dict) -> dict:
     """Query parameters verbatim: a value, or a list when repeated."""
     return {k: (v[0] if len(v) == 1 else list(v)) for k, v in params.items()}
+
+
+def _without_secret(value):
+    """``value`` with every ``secret`` field removed, at any depth (any case).
+
+    Start and Stop metadata and the query are archived verbatim but for this:
+    a secret is never kept, wherever a client put it.
+    """
+    if isinstance(value, dict):
+        return {
+            k: _without_secret(v) for k, v in value.items()
+            if not (isinstance(k, str) and k.lower() == "secret")
+        }
+    if isinstance(value, list):
+        return [_without_secret(v) for v in value]
+    return value
 
 
 def _content_type_ok(metadata: dict) -> str | None:
@@ -165,6 +200,31 @@ def _key_part(metadata: dict, query: dict, names: tuple[str, ...]) -> str | None
     return None
 
 
+@implementer(IPushProducer)
+class _ReadWhileDrained:
+    """Reads from a socket only while what was written to it drains.
+
+    Registered as the (streaming) producer of a socket's transport: Twisted
+    pauses it when more than the transport's ``bufferSize`` (64 KiB) is
+    written and unsent, and resumes it when all of that has gone to the
+    kernel.  Paused, the socket is not read, so a client that never reads
+    (and keeps sending pings, each owed a pong) cannot make the recorder
+    queue output without bound: TCP slows it down instead.
+    """
+
+    def __init__(self, transport):
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()  # stop reading
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass  # the connection is going: nothing of ours to stop
+
+
 class RecorderProtocol(WebSocketServerProtocol):
     """One WebSocket from the platform: one call, or one perspective of it."""
 
@@ -183,8 +243,14 @@ class RecorderProtocol(WebSocketServerProtocol):
         self._fast = False  # set at onOpen: see _fast_read
         self._fast_limit = 0
         self._refusal_logged = False  # our onConnect logged why it refused
+        self._admission = None  # the --handshake-timeout timer for secret and Start
+        self._message_frames = 0  # frames of the message being received
 
     # -- handshake -------------------------------------------------------
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.transport.registerProducer(_ReadWhileDrained(self.transport), True)
 
     def onConnect(self, request):
         try:
@@ -226,7 +292,7 @@ class RecorderProtocol(WebSocketServerProtocol):
             self._authenticated = True
         else:
             self._authenticated = not checker.required
-        self._query = _first_values(params)
+        self._query = _without_secret(_first_values(params))
         registry = factory.registry
         if len(registry.calls) >= factory.settings.max_calls and not registry.has_call(
             _key_part({}, self._query, _CALL_ID), _key_part({}, self._query, _SESSION_ID)
@@ -300,17 +366,15 @@ class RecorderProtocol(WebSocketServerProtocol):
                 self._fast_read(data)
             else:
                 self._dataReceived(data)
+                if self.state == _CONNECTING:
+                    self._bound_handshake()
         finally:
             call = self._call
             if call is not None:
                 try:
                     call.spool.flush()  # one write per file for all this read carried
-                except OSError:
-                    _log.failure(
-                        "writing call {call_id}/{session_id} to the spool failed",
-                        call_id=call.call_id, session_id=call.session_id,
-                    )
-                    self.close_with(1011, "the recorder cannot write to its spool")
+                except OSError as e:
+                    self._spool_failed(e)
 
     def _fast_path_applies(self) -> bool:
         """Whether :meth:`_fast_read` may take this connection's frames.
@@ -415,6 +479,39 @@ class RecorderProtocol(WebSocketServerProtocol):
             self.data = data[pos:] if pos else data
             self.consumeData()
 
+    # -- per-socket buffers Autobahn does not bound ----------------------
+
+    def _bound_handshake(self) -> None:
+        """Refuse an opening handshake that has grown past MAX_HANDSHAKE_BYTES
+        without its blank line (HTTP 431), instead of buffering it all."""
+        if len(self.data) > MAX_HANDSHAKE_BYTES:
+            self.factory.metrics.rejected["too-large"] += 1
+            _log.warn(
+                "handshake from {peer} refused: its request headers pass {limit} bytes",
+                peer=self.peer, limit=MAX_HANDSHAKE_BYTES,
+            )
+            self.data = b""
+            self.failHandshake("Request Header Fields Too Large", 431)
+
+    def onMessageBegin(self, isBinary):
+        super().onMessageBegin(isBinary)
+        self._message_frames = 0
+
+    def onMessageFrameBegin(self, length):
+        super().onMessageFrameBegin(length)
+        self._message_frames += 1
+        if self._message_frames > MAX_MESSAGE_FRAMES and not self.failedByMe:
+            reason = f"a message in more than {MAX_MESSAGE_FRAMES} frames"
+            self.factory.metrics.closed[1009] += 1
+            _log.warn(
+                "closing socket from {peer} with {code}: {reason}",
+                peer=self._peer_name, code=1009, reason=reason,
+            )
+            # As Autobahn fails a message that is too large: nothing more of
+            # the message is kept while the close completes.
+            self._fail_connection(1009, reason)
+            self.message_data = []
+
     def onMessageEnd(self) -> None:
         # As Autobahn's, without firing a "message" event (a Deferred per
         # message) that nothing here listens to.
@@ -463,6 +560,8 @@ class RecorderProtocol(WebSocketServerProtocol):
             self._bad_input(e.code, e.reason)
         except CallRejected as e:
             self._bad_input(CLOSE_CODES[e.kind], e.reason)
+        except OSError as e:  # the spool: a new call's entry, or a running call's frames
+            self._spool_failed(e)
         except Exception:
             _log.failure("message from {peer} could not be handled", peer=self._peer_name)
             self._bad_input(1011, "internal error")
@@ -492,7 +591,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         if not isinstance(metadata, dict):
             raise CallError(1007, "Start has no metadata object")
         _check_text(metadata, "Start")
-        metadata = {k: v for k, v in metadata.items() if k != "secret"}
+        metadata = _without_secret(metadata)
         if self._start_metadata is not None:
             if metadata != self._start_metadata:
                 raise CallError(1008, "a second Start with different metadata")
@@ -515,6 +614,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         self._call = self.factory.registry.join(
             self, call_id, session_id, metadata, self._query, self._connected_at
         )
+        self._admitted()
 
     def _on_media(self, msg: dict) -> None:
         # The hot path (100 messages a second a call): checks stay cheap.
@@ -555,12 +655,52 @@ class RecorderProtocol(WebSocketServerProtocol):
             metadata = None
         else:
             _check_text(metadata, "Stop")
+            metadata = _without_secret(metadata)
         perspective = msg.get("perspective")
         if perspective is None and metadata is not None:
             perspective = metadata.get("perspective")
         if perspective not in PERSPECTIVES:
             perspective = None
         call.stop(self, metadata, perspective)
+
+    # -- the spool cannot be written --------------------------------------
+
+    def _spool_failed(self, error: OSError) -> None:
+        """A spool write failed (full disk, read-only): close 1011 with a sentence.
+
+        A new call whose spool entry cannot be made is refused; a running
+        call's socket is closed, and what reached the disk is kept and
+        archived.  The log says it in one sentence, not a traceback: once a
+        minute per call and kind of failure (refused calls: per kind), with
+        how many more it stands for.
+        """
+        factory = self.factory
+        problem = spool_problem(error)
+        call = self._call
+        if call is None:
+            call_id = _key_part(self._start_metadata or {}, self._query, _CALL_ID) or "-"
+            session_id = _key_part(self._start_metadata or {}, self._query, _SESSION_ID) or "-"
+            left_out = factory.spool_log.allow(("refused", error.errno))
+            reason = problem + ": the call is not recorded"
+            text = ("call {call_id}/{session_id} is not recorded: {problem} ({strerror}, "
+                    "spool {spool}); socket from {peer} closed with 1011{more}")
+            more = "; {n} more calls refused likewise since the last such line"
+        else:
+            call_id, session_id = call.call_id, call.session_id
+            left_out = factory.spool_log.allow((call_id, session_id, error.errno))
+            reason = problem + ": no more audio of this socket can be kept"
+            text = ("call {call_id}/{session_id}: {problem} ({strerror}, spool {spool}); "
+                    "socket from {peer} closed with 1011, what reached the disk is kept{more}")
+            more = "; {n} more failed writes since the last such line"
+        if left_out is not None:
+            _log.error(
+                text, call_id=call_id, session_id=session_id, problem=problem,
+                strerror=error.strerror or str(error), spool=factory.registry.spool.root,
+                peer=self._peer_name, more=more.format(n=left_out) if left_out else "",
+            )
+        if self.state == _OPEN:
+            factory.metrics.closed[1011] += 1
+        self.close_with(1011, reason)
 
     # -- the call's side -------------------------------------------------
 
@@ -582,6 +722,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         self.sendCloseFrame(code=code, reasonUtf8=data, isReply=False)
 
     def onClose(self, wasClean, code, reason):
+        self._admitted()
         call, self._call = self._call, None
         if call is not None and not call.ended:
             call.detach(self)
@@ -590,6 +731,35 @@ class RecorderProtocol(WebSocketServerProtocol):
     def onOpen(self):
         self._fast = self._fast_path_applies()
         self.factory.connection_made(self)
+        self._expect_admission()
+
+    # -- admission: a secret and a Start within --handshake-timeout ------
+
+    def _expect_admission(self) -> None:
+        """An open socket has ``--handshake-timeout`` seconds to join a call.
+
+        Joining takes a valid secret (when secrets are configured) and a
+        Start.  A socket that has neither in time is closed with 1008, so
+        sockets that never say who they are cannot pile up to
+        ``--max-connections``.  (Our own timer: not cut to whole seconds as
+        Autobahn's are.)
+        """
+        self._admission = self.factory.clock.callLater(
+            self.factory.settings.handshake_timeout, self._not_admitted
+        )
+
+    def _admitted(self) -> None:
+        timer, self._admission = self._admission, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _not_admitted(self) -> None:
+        self._admission = None
+        if self.state != _OPEN or self._call is not None:
+            return
+        seconds = self.factory.settings.handshake_timeout
+        missing = "valid secret" if not self._authenticated else "Start"
+        self._bad_input(1008, f"no {missing} within {seconds:g} s of the handshake")
 
 
 @implementer(IProtocolNegotiationFactory)
@@ -603,6 +773,7 @@ class RecorderFactory(WebSocketServerFactory):
         super().__init__()
         self._quiet_http()
         fastmask.install()
+        escape_control_characters()  # client identifiers reach the log: see evrecorder.logs
         self.registry = registry
         self.settings = settings
         self.clock = clock
@@ -610,6 +781,7 @@ class RecorderFactory(WebSocketServerFactory):
         self.metrics = registry.metrics
         self.draining = False
         self.sockets: set[RecorderProtocol] = set()
+        self.spool_log = RateLimit(clock, 60.0)  # spool failures: see _spool_failed
         self.setProtocolOptions(
             allowNullOrigin=True,
             maxMessagePayloadSize=settings.max_message_size,

@@ -20,12 +20,12 @@ the recording is complete, 1001 when it ended otherwise; ``reason`` is
 
 from __future__ import annotations
 
-import errno
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from twisted.logger import Logger
 
 from evrecorder.errors import CallRejected
+from evrecorder.logs import spool_problem
 from evrecorder.spool import CallSpool
 
 if TYPE_CHECKING:
@@ -45,12 +45,16 @@ class Clock(Protocol):
     def callLater(self, delay: float, f: Callable, *args, **kw): ...
 
 
+def spool_error(error: OSError) -> dict:
+    """Log fields for a failed spool write: a sentence, not a traceback (a full
+    disk would otherwise print one per recording and failure)."""
+    return {"problem": spool_problem(error), "strerror": error.strerror or str(error)}
+
+
 def spool_rejection(e: OSError, doing: str) -> CallRejected:
     """A spool failure, logged (our fault), as the refusal a door reports."""
-    log.error("cannot {doing}: {reason}", doing=doing, reason=e.strerror or str(e))
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CallRejected("internal", "the recorder's spool is full")
-    return CallRejected("internal", "the recorder cannot write to its spool")
+    log.error("cannot {doing}: {problem} ({strerror})", doing=doing, **spool_error(e))
+    return CallRejected("internal", spool_problem(e))
 
 
 class Recording:
@@ -138,18 +142,22 @@ class Recording:
             self.spool.append_event(
                 {"event": "end", "reason": reason, "complete": self.complete, "at": self.ended_at}
             )
-        except OSError:
-            log.failure(
-                "{what} {call_id}/{session_id}: its end could not be written to the spool",
+        except OSError as e:
+            log.error(
+                "{what} {call_id}/{session_id}: its end could not be written to the spool: "
+                "{problem} ({strerror})",
                 what=self.what, call_id=self.call_id, session_id=self.session_id,
+                **spool_error(e),
             )
         try:
             self.spool.close()
-        except OSError:
+        except OSError as e:
             # What reached the disk is still finalized and archived below.
-            log.failure(
-                "{what} {call_id}/{session_id}: its last frames could not be written",
+            log.error(
+                "{what} {call_id}/{session_id}: its last audio could not be written: "
+                "{problem} ({strerror})",
                 what=self.what, call_id=self.call_id, session_id=self.session_id,
+                **spool_error(e),
             )
         for conn in conns:
             conn.end_call(1000 if reason == "stop" else 1001, "call ended: " + reason)

@@ -47,6 +47,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 
 from evrecorder.errors import CallRejected
+from evrecorder.logs import spool_problem
 from evrecorder.protocol import CLOSE_CODES, CallError
 from evrecorder.settings import PERSPECTIVES
 
@@ -111,6 +112,7 @@ class RelayedConnection(Int32StringReceiver):
         self._over = False  # the call is over for this socket: nothing more is taken
         self._taken = 0  # messages after the join handled
         self._acked = 0  # ... and acknowledged
+        self._key = ("-", "-")  # the call's ids, once the join named them
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -126,11 +128,29 @@ class RelayedConnection(Int32StringReceiver):
         if call is not None:
             try:
                 call.spool.flush()
-            except OSError:
-                log.failure("writing a relayed call to the spool failed")
-                self._refuse(1011, "the recorder cannot write to its spool", flush=False)
+            except OSError as e:
+                self._spool_failed(e, flush=False)
                 return False
         return True
+
+    def _spool_failed(self, error: OSError, flush: bool = True) -> None:
+        """The spool cannot be written: one sentence (this relay connection
+        then ends, so it is said once), and the socket is refused with it."""
+        call = self.call
+        problem = spool_problem(error)
+        call_id, session_id = self._key
+        log.error(
+            "call {call_id}/{session_id} (a socket relayed from a sibling): {problem} "
+            "({strerror}, spool {spool}); the socket is closed with 1011",
+            call_id=call_id, session_id=session_id, problem=problem,
+            strerror=error.strerror or str(error),
+            spool=self.registry.spool.root,
+        )
+        if call is None:
+            reason = problem + ": the call is not recorded"
+        else:
+            reason = problem + ": no more audio of this socket can be kept"
+        self._refuse(1011, reason, flush=flush)
 
     def stringReceived(self, msg: bytes) -> None:
         if self._over:
@@ -148,6 +168,7 @@ class RelayedConnection(Int32StringReceiver):
             elif kind == b"J":
                 if self.call is None:
                     j = orjson.loads(msg[1:])
+                    self._key = (j["callId"], j["sessionId"])
                     self.call = self.registry.join(
                         self, j["callId"], j["sessionId"], j["metadata"], j["query"],
                         j["connectedAt"], relayed=True,
@@ -165,6 +186,8 @@ class RelayedConnection(Int32StringReceiver):
             self._refuse(e.code, e.reason)
         except CallRejected as e:
             self._refuse(CLOSE_CODES[e.kind], e.reason)
+        except OSError as e:  # the spool: the call's frames
+            self._spool_failed(e, flush=False)  # a flush now would fail the same way
         except Exception:
             log.failure("a relayed message could not be handled")
             self._refuse(1011, "internal error")

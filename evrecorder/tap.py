@@ -64,7 +64,7 @@ class Options(usage.Options):
         ["max-call-duration", None, 14400.0, "Seconds after which a call is cut ('max-duration')."],
         ["drain-timeout", None, 30.0, "Seconds calls in progress may take to finish on shutdown."],
         ["max-message-size", None, 65536, "Largest WebSocket message accepted, in bytes."],
-        ["handshake-timeout", None, 10.0, "Seconds a client has to finish the WebSocket handshake (Autobahn's timers keep whole seconds)."],
+        ["handshake-timeout", None, 10.0, "Seconds a client has to finish the WebSocket handshake (Autobahn's timers keep whole seconds), then to present the secret and Start."],
         ["max-connections", None, 10000, "Most sockets at once; more get HTTP 503."],
         ["upload-concurrency", None, 4, "Recordings published to the archive at once."],
         ["max-calls", None, 2000, "Most calls in progress; a new call beyond it gets 503."],
