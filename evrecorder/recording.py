@@ -154,7 +154,7 @@ class Recording:
         except OSError as e:
             # What reached the disk is still finalized and archived below.
             log.error(
-                "{what} {call_id}/{session_id}: its last audio could not be written: "
+                "{what} {call_id}/{session_id}: its last frames could not be written: "
                 "{problem} ({strerror})",
                 what=self.what, call_id=self.call_id, session_id=self.session_id,
                 **spool_error(e),

@@ -427,7 +427,7 @@ async def test_a_running_call_on_a_full_spool_logs_one_sentence(small_disk, reco
     assert "(No space left on device, spool " in line and "closed with 1011" in line
     [line] = logs.texts("call filling/1: its last frames could not be written")
     assert line.endswith("the recorder's spool is full (No space left on device)\n")
-    ours = ("evrecorder.protocol", "evrecorder.call")
+    ours = ("evrecorder.protocol", "evrecorder.call", "evrecorder.recording")
     assert [e for e in logs.failures() if e["log_namespace"] in ours] == []
     kept = sidecar["perspectives"][AGENT]["frames"]
     assert 100 <= kept < 400
