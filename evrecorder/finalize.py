@@ -53,8 +53,40 @@ SPLIT_SUFFIX = ".split"
 SCRATCH_SUFFIXES = (PLACED_SUFFIX, SPLIT_SUFFIX)
 
 
+class _Within:
+    """Runs of frames whose ids lie within ``span`` of the perspective's first.
+
+    The live side refuses any other frame (:meth:`evrecorder.call.Call.media`),
+    so only a damaged file holds one: a record whose id was corrupted would
+    otherwise have the placer fill the gap to it with silence, up to a full
+    disk.  Such frames are dropped and counted (``dropped``).  The range is an
+    interval, so what a contiguous run keeps is one contiguous run.
+    """
+
+    def __init__(self, runs, first: int | None, span: int):
+        self._runs = runs
+        self._first = first
+        self._span = span
+        self.dropped = 0
+
+    def __iter__(self):
+        for first, size, payloads in self._runs:
+            if self._first is None:
+                self._first = first
+            lo, hi = self._first - self._span, self._first + self._span
+            last = first + len(payloads) - 1
+            if lo <= first and last <= hi:
+                yield first, size, payloads
+                continue
+            start, stop = max(first, lo), min(last, hi) + 1
+            kept = payloads[start - first : stop - first] if start < stop else []
+            self.dropped += len(payloads) - len(kept)
+            if kept:
+                yield start, size, kept
+
+
 def _place(
-    entry: CallSpool, perspective: str, window: int, mark: int | None
+    entry: CallSpool, perspective: str, window: int, mark: int | None, span: int
 ) -> tuple[str, PerspectiveStats]:
     """The perspective's timeline into ``<Perspective>.placed``; its path and counters.
 
@@ -65,10 +97,11 @@ def _place(
     path = os.path.join(entry.path, perspective + PLACED_SUFFIX)
     old = os.path.join(entry.path, perspective + FRAMES_SUFFIX)
     cut = os.path.join(entry.path, perspective + SPLIT_SUFFIX)
+    runs = _Within(itertools.chain(read_runs(old), read_runs(cut)), mark, span)
     with open(path, "wb") as out:
         placer = Placer(window, out.write, mark=mark)
         add, add_run = placer.add, placer.add_run
-        for first, size, payloads in itertools.chain(read_runs(old), read_runs(cut)):
+        for first, size, payloads in runs:
             if len(payloads) >= SHORT_RUN:
                 add_run(first, payloads, size)
                 continue
@@ -76,6 +109,7 @@ def _place(
                 add(first, payload)
                 first += 1
         stats = placer.finish()
+    stats.out_of_range = runs.dropped
     if os.path.exists(cut):
         os.unlink(cut)
     return path, stats
@@ -153,7 +187,8 @@ def finalize(
     # placer marks where the first-arrived frame landed.
     _split(entry)
     placed = {
-        p: _place(entry, p, settings.reorder_window, starts.get(p, (0, None))[1])
+        p: _place(entry, p, settings.reorder_window, starts.get(p, (0, None))[1],
+                  settings.max_sequence_span)
         for p in PERSPECTIVES
     }
     begin = {}

@@ -54,6 +54,8 @@ class PerspectiveStats:
     """Length of the timeline in samples (bytes of mu-law)."""
     mark_position: int | None = None
     """Where the marked sequenceId starts on the timeline, in samples."""
+    out_of_range: int = 0
+    """Frames dropped for an id no live call could have sent (a damaged spool)."""
 
     def as_dict(self) -> dict:
         return {
@@ -64,6 +66,8 @@ class PerspectiveStats:
             "late": self.late,
             "firstSequenceId": _seq_str(self.first_sequence_id),
             "lastSequenceId": _seq_str(self.last_sequence_id),
+            # Only a damaged spool has any: the usual sidecar stays as it was.
+            **({"outOfRange": self.out_of_range} if self.out_of_range else {}),
         }
 
 

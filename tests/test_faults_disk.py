@@ -897,3 +897,31 @@ def test_a_request_file_in_a_retry_directory_retries_and_is_consumed(tmp_path, m
     assert os.listdir(os.path.join(spool.root, RETRY_FILE)) == []
     clock.advance(RETRY_POLL_SECONDS)  # its own removal is no new request
     assert store.calls == 1
+
+
+def test_a_frame_id_damaged_on_disk_is_dropped_not_filled_with_silence(tmp_path):
+    """A call.frames record whose id was corrupted is dropped and counted, not
+    reached by gigabytes of silence; the frames around it are placed as sent."""
+    from evrecorder.finalize import finalize
+    from evrecorder.settings import Settings
+    from evrecorder.spool import CALL_RECORD, Spool
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spool.new_call("damaged", "1", 1000.0)
+    entry.create({"callId": "damaged", "sessionId": "1", "metadata": {}, "query": {},
+                  "connectedAt": 1000.0, "createdAt": 1000.0})
+    entry.append_event({"event": "media", "perspective": "Participant", "at": 1000.0,
+                        "offsetFrames": 0, "firstSequenceId": 1})
+    entry.close()
+    payloads = [bytes([i]) * 160 for i in range(1, 11)]
+    seqs = [1, 2, 3, 4, 5, 1 << 60, 7, 8, 9, 10]  # frame 6's id is damaged
+    with open(os.path.join(entry.path, "call.frames"), "wb") as f:
+        for seq, payload in zip(seqs, payloads):
+            f.write(CALL_RECORD.pack(0, seq, len(payload)) + payload)
+    sidecar = finalize(entry, Settings(spool=spool.root, reorder_window=2))
+    agent = sidecar["perspectives"]["Participant"]
+    assert agent["outOfRange"] == 1
+    assert (agent["frames"], agent["missing"]) == (9, 1)
+    assert sidecar["audio"]["durationSeconds"] == 10 * 0.02
+    assert "outOfRange" not in sidecar["perspectives"]["Conference"]
