@@ -26,7 +26,6 @@ Close codes:
 from __future__ import annotations
 
 import binascii
-import hmac
 import json
 from binascii import a2b_base64
 
@@ -40,6 +39,7 @@ from twisted.logger import Logger
 from evrecorder import fastmask
 from evrecorder.fastmask import unmask as _unmask
 from evrecorder.call import Call, CallError, CallRegistry
+from evrecorder.secrets import SecretChecker
 from evrecorder.settings import PERSPECTIVES, Settings
 
 _log = Logger()
@@ -50,24 +50,6 @@ _SESSION_ID = ("sessionId", "sessionid", "session_id")
 _OPEN = WebSocketProtocol.STATE_OPEN
 _NOT_UTF8 = object()
 _MULAW_TYPES = {"audio/x-mulaw", "audio/mulaw", "audio/basic", "audio/pcmu", "mulaw", "ulaw", "pcmu"}
-
-
-class SecretChecker:
-    """Constant-time comparison against the configured secrets (rotation)."""
-
-    def __init__(self, secrets: list[str]):
-        self._secrets = [s.encode("utf-8") for s in secrets]
-
-    @property
-    def required(self) -> bool:
-        return bool(self._secrets)
-
-    def matches(self, presented: str) -> bool:
-        value = presented.encode("utf-8", "surrogatepass")
-        ok = False
-        for secret in self._secrets:  # no early exit: the time says nothing
-            ok |= hmac.compare_digest(value, secret)
-        return ok
 
 
 def _first_values(params: dict) -> dict:
