@@ -38,7 +38,8 @@ from twisted.logger import Logger
 
 from evrecorder import fastmask
 from evrecorder.fastmask import unmask as _unmask
-from evrecorder.call import Call, CallError, CallRegistry
+from evrecorder.call import Call, CallRegistry
+from evrecorder.errors import CallRejected
 from evrecorder.secrets import SecretChecker
 from evrecorder.settings import PERSPECTIVES, Settings
 
@@ -50,6 +51,25 @@ _SESSION_ID = ("sessionId", "sessionid", "session_id")
 _OPEN = WebSocketProtocol.STATE_OPEN
 _NOT_UTF8 = object()
 _MULAW_TYPES = {"audio/x-mulaw", "audio/mulaw", "audio/basic", "audio/pcmu", "mulaw", "ulaw", "pcmu"}
+
+
+#: The close code for each kind of refusal the core raises (evrecorder.errors).
+CLOSE_CODES = {
+    "invalid": 1007,
+    "unsupported": 1003,
+    "precondition": 1008,
+    "capacity": 1013,
+    "internal": 1011,
+}
+
+
+class CallError(Exception):
+    """Bad input this door finds itself: ``code`` is the close code to use."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
 
 
 def _first_values(params: dict) -> dict:
@@ -341,6 +361,8 @@ class RecorderProtocol(WebSocketServerProtocol):
                 raise CallError(1003, f"unknown event {str(event)[:40]!r}")
         except CallError as e:
             self._bad_input(e.code, e.reason)
+        except CallRejected as e:
+            self._bad_input(CLOSE_CODES[e.kind], e.reason)
         except Exception:
             _log.failure("message from {peer} could not be handled", peer=self._peer_name)
             self._bad_input(1011, "internal error")
