@@ -23,6 +23,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
 
+from evrecorder.settings import PERSPECTIVE_OF
+from evrecorder.sidecar import channel_counts
+
 PLACEMENT_COUNTERS = ("missing", "duplicates", "reordered", "late")
 
 
@@ -92,9 +95,11 @@ class Metrics:
         return +frames, +nbytes
 
     def call_finalized(self, sidecar: dict) -> None:
-        for perspective, side in sidecar["perspectives"].items():
+        # Per channel, labelled with the WebSocket perspective it is (a gRPC
+        # recording's segments are summed per channel).
+        for channel, side in channel_counts(sidecar).items():
             for name in PLACEMENT_COUNTERS:
-                self.placement[(name, perspective)] += side[name]
+                self.placement[(name, PERSPECTIVE_OF[channel])] += side[name]
 
 
 class _Collector:
