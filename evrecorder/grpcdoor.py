@@ -387,7 +387,7 @@ class _Stream:
     """One RPC as the reactor sees it; also the ``conn`` the core knows."""
 
     __slots__ = ("door", "peer", "connected_at", "aio", "dialog", "key", "session_id",
-                 "done", "channels", "label")
+                 "done", "label")
 
     def __init__(self, door: "GrpcDoor", peer: str, connected_at: float):
         self.door = door
@@ -398,7 +398,6 @@ class _Stream:
         self.key: tuple[str, str] | None = None
         self.session_id = ""
         self.done = False
-        self.channels: dict[str, str] = {}  # segment id -> "agent" | "caller" (metrics)
         self.label = peer
 
     # The core's side of ``conn``.
@@ -435,13 +434,6 @@ class GrpcDoor(service.Service):
         self.streams: set[_Stream] = set()
         self.ports: list[int] = []  # the bound ports, in endpoint order
         self.metrics = registry.metrics
-        # Counts of the gRPC door, by channel / reason / status; read by the
-        # metrics collector (keys made up front: the scrape copies them).
-        self.chunks = {"agent": 0, "caller": 0}
-        self.chunk_bytes = {"agent": 0, "caller": 0}
-        self.rejected: collections.Counter = collections.Counter()
-        self.ended_by_status: collections.Counter = collections.Counter()
-        self.streams_opened = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
@@ -600,7 +592,7 @@ class GrpcDoor(service.Service):
         self._reactor.callFromThread(self._refused, peer, reason)
 
     def _refused(self, peer: str, reason: str) -> None:
-        self.rejected[reason] += 1
+        self.metrics.grpc_rejected[reason] += 1
         if reason == "secret":
             log.warn("gRPC stream from {peer} refused (UNAUTHENTICATED): missing or wrong credential",
                      peer=peer)
@@ -611,7 +603,6 @@ class GrpcDoor(service.Service):
 
     def finished(self, stream: _Stream, outcome) -> None:
         self.streams.discard(stream)
-        self.ended_by_status[outcome[0].name] += 1
         self.bridge.to_aio(stream.aio, outcome)
 
     def _handle_batch(self, stream: _Stream, events: list) -> None:
@@ -619,7 +610,7 @@ class GrpcDoor(service.Service):
             return
         if stream.dialog is None and stream not in self.streams:
             self.streams.add(stream)
-            self.streams_opened += 1
+            self.metrics.grpc_streams += 1
         try:
             for item in events:
                 event = item[0]
@@ -648,12 +639,8 @@ class GrpcDoor(service.Service):
                 raise CallRejected("precondition", "SegmentMedia came before DialogInit")
             media = event.segment_media
             content = media.audio_content
-            payload = content.payload
             dialog.segment_media(stream, media.segment_id, content.seq, content.duration,
-                                 payload, at)
-            channel = stream.channels.get(media.segment_id, "caller")
-            self.chunks[channel] += 1
-            self.chunk_bytes[channel] += len(payload)
+                                 content.payload, at)  # counted by the dialog (metrics)
         elif kind == "dialog_init":
             self._dialog_init(stream, event)
         elif dialog is None:
@@ -663,18 +650,14 @@ class GrpcDoor(service.Service):
             )
         elif kind == "segment_start":
             start = event.segment_start
-            participant = _participant(start.participant)
             dialog.segment_start(
-                stream, start.segment_id, participant,
+                stream, start.segment_id, _participant(start.participant),
                 {"id": start.product.id, "type": _enum_name(_PRODUCT_TYPE, start.product.type)}
                 if start.HasField("product") else None,
                 {"codec": _enum_name(_CODEC, start.audio_format.codec),
                  "rate": start.audio_format.rate, "ptime": start.audio_format.ptime}
                 if start.HasField("audio_format") else None,
                 at,
-            )
-            stream.channels[start.segment_id] = (
-                "agent" if participant["type"] == "AGENT" else "caller"
             )
         elif kind == "segment_info":
             info = event.segment_info
@@ -725,9 +708,7 @@ class GrpcDoor(service.Service):
             dialog.stream_closed(stream, cancelled=cancelled, at=at)
         if cancelled:
             log.info("gRPC stream {stream} was cancelled or broke", stream=stream.label)
-            self.ended_by_status["CANCELLED"] += 1
         else:
-            self.ended_by_status["OK"] += 1
             self.bridge.to_aio(stream.aio, _OK)
 
     def _rejected(self, stream: _Stream, e: CallRejected, status=None) -> None:
@@ -735,7 +716,7 @@ class GrpcDoor(service.Service):
         status = status or STATUS_OF_KIND[e.kind]
         _log_rejection(stream, e, status)
         stream.done = True
-        self.rejected[e.kind] += 1
+        self.metrics.grpc_closed[status.name] += 1
         dialog = stream.dialog
         if dialog is not None:
             try:
@@ -744,7 +725,8 @@ class GrpcDoor(service.Service):
                 pass
             except Exception:
                 log.failure("gRPC stream {stream}: flushing failed", stream=stream.label)
-            dialog.stream_closed(stream, cancelled=True, at=self._reactor.seconds())
+            dialog.stream_closed(stream, cancelled=True, at=self._reactor.seconds(),
+                                 error=e.reason)
         self.finished(stream, (status, e.reason))
 
     def close_all(self) -> None:

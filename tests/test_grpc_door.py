@@ -25,6 +25,7 @@ class FakeDialog:
         self.key = key
         self.calls: list[tuple] = []
         self.conns: list = []
+        self.errors: list = []
 
     def _check(self, segment_id):
         if segment_id in self.registry.reject_segments:
@@ -50,8 +51,9 @@ class FakeDialog:
         if self.registry.fail_flush:
             raise CallRejected("internal", "the recorder cannot write to its spool")
 
-    def stream_closed(self, conn, cancelled, at):
+    def stream_closed(self, conn, cancelled, at, error=None):
         self.calls.append(("closed", cancelled))
+        self.errors.append(error)
 
 
 class FakeRegistry:
@@ -146,7 +148,6 @@ async def test_events_reach_the_core_in_order_and_half_close_is_ok(door):
         ("closed", False),
     ]
     assert calls[-2] == ("flush",)  # what was read is flushed before the stream closes
-    assert d.chunks == {"agent": 1, "caller": 1} and d.chunk_bytes == {"agent": 800, "caller": 800}
 
 
 @pytest_twisted.ensureDeferred
@@ -208,7 +209,8 @@ async def test_call_rejected_kinds_map_to_statuses(door, kind, code):
     calls = calls_of(d)
     assert ("media", "ok", 1, 100, b"\x11") in calls
     assert calls[-2:] == [("flush",), ("closed", True)]  # what came before is kept
-    assert d.rejected[kind] == 1
+    assert d.metrics.grpc_closed[code.name] == 1
+    assert d.registry.dialogs[("acc-1", "d-1")].errors == [f"segment bad is {kind}"]
 
 
 @pytest_twisted.ensureDeferred
@@ -306,7 +308,7 @@ async def test_secret_wrong_missing_and_right(door):
     assert (await deferToThread(send, d.ports[0], events, token="Bearer s3cret"))[0] == grpc.StatusCode.OK
     assert (await deferToThread(send, d.ports[0], events, token="0ther"))[0] == grpc.StatusCode.OK
     assert len(d.registry.joins) == 2
-    await until(lambda: d.rejected["secret"] == 3)
+    await until(lambda: d.metrics.grpc_rejected["secret"] == 3)
 
 
 @pytest_twisted.ensureDeferred
