@@ -776,7 +776,3 @@ def _why_not_bound(ep: GrpcEndpoint, reuse_port: bool, error) -> str:
     return str(error) if error else "grpcio could not bind the address"
 
 
-def parse_endpoints(specs: list[str]) -> list[GrpcEndpoint]:
-    return [parse_endpoint(spec) for spec in specs]
-
-
