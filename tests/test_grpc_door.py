@@ -393,3 +393,4 @@ def test_grpc_listen_option(tmp_path):
         Options().parseOptions(["--grpc-listen", "unix:/tmp/x"])
     assert str(e.value).startswith("--grpc-listen unix:/tmp/x: a gRPC endpoint is tcp:PORT")
     assert Options()["grpc-listen"] == []
+
