@@ -34,7 +34,6 @@ output is above the transport's buffer size is not read until it drains
 from __future__ import annotations
 
 import binascii
-import hmac
 import json
 from binascii import a2b_base64
 
@@ -55,6 +54,7 @@ from evrecorder.fastmask import unmask as _unmask
 from evrecorder.call import Call, CallRegistry
 from evrecorder.errors import CallRejected
 from evrecorder.logs import RateLimit, escape_control_characters, spool_problem
+from evrecorder.secrets import SecretChecker
 from evrecorder.settings import PERSPECTIVES, Settings
 
 _log = Logger()
@@ -114,24 +114,6 @@ class CallError(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
-
-
-class SecretChecker:
-    """Constant-time comparison against the configured secrets (rotation)."""
-
-    def __init__(self, secrets: list[str]):
-        self._secrets = [s.encode("utf-8") for s in secrets]
-
-    @property
-    def required(self) -> bool:
-        return bool(self._secrets)
-
-    def matches(self, presented: str) -> bool:
-        value = presented.encode("utf-8", "surrogatepass")
-        ok = False
-        for secret in self._secrets:  # no early exit: the time says nothing
-            ok |= hmac.compare_digest(value, secret)
-        return ok
 
 
 def _first_values(params: dict) -> dict:
