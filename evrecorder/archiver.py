@@ -480,8 +480,9 @@ class Archiver(service.Service):
                 "{entry} cannot be recovered ({why}); it is moved, whole, to {where} for "
                 "an operator", entry=name, why=why, where=where,
             )
-        else:
+        else:  # gone: removed meanwhile (by an operator)
             self._forget(entry)
+            entry.unlock()
 
     def _forget(self, entry: CallSpool) -> None:
         for books in (self._attempts, self._waiting_since, self._trouble, self.set_aside):

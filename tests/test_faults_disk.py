@@ -925,3 +925,19 @@ def test_a_frame_id_damaged_on_disk_is_dropped_not_filled_with_silence(tmp_path)
     assert (agent["frames"], agent["missing"]) == (9, 1)
     assert sidecar["audio"]["durationSeconds"] == 10 * 0.02
     assert "outOfRange" not in sidecar["perspectives"]["Conference"]
+
+
+def test_an_entry_removed_under_the_archiver_releases_its_lock(tmp_path):
+    """An entry removed by an operator before its finalize leaves no descriptor or claim behind."""
+    import shutil
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spooled_call(spool, agent=frames(5, 9))
+    archiver, clock = sync_archiver(spool, MemoryStore())
+    fds = len(os.listdir("/proc/self/fd"))
+    assert entry.lock() and spool.held == {entry}
+    shutil.rmtree(entry.path)
+    archiver.finalize(entry)
+    assert spool.held == set()
+    assert len(os.listdir("/proc/self/fd")) == fds
