@@ -251,14 +251,28 @@ class Archiver(service.Service):
         is compared, so every process sharing the spool sees it.)
 
         ``retry`` may also be a directory of request files, one per entry (what
-        a tool may write): a new file changes the directory's time the same
-        way.  Everything is retried, and the requests seen are removed.
+        ``evrecorder spool --retry NAME`` writes): a new file changes the
+        directory's time the same way.  A request naming an entry in
+        ``<spool>/quarantine/`` moves it back into the spool first (the
+        operator mended it), so it is tried again; if it still cannot be
+        recovered it is quarantined again.  Everything is retried, and the
+        requests seen are removed.
         """
         self._retry_poll = None
         stamp = self._retry_stamp()
         if stamp is not None and stamp != self._retry_seen:
             self._retry_seen = stamp
             path = os.path.join(self.spool.root, RETRY_FILE)
+            requests = []
+            if os.path.isdir(path):
+                try:
+                    # Not the temporary file of a request being written.
+                    requests = [n for n in os.listdir(path) if not n.startswith(".")]
+                except OSError as e:
+                    log.error("cannot read the retry requests in {path}: {reason}",
+                              path=path, reason=_sentence(e))
+            for name in requests:
+                self._unquarantine(name)
             log.info(
                 "{path} was touched: retrying {n} entries set aside and {m} waiting for "
                 "their next attempt", path=path, n=len(self.set_aside), m=len(self._retries),
@@ -267,15 +281,33 @@ class Archiver(service.Service):
                 self.retry_now()
             except Exception:
                 log.failure("retrying on request failed")
-            if os.path.isdir(path):
-                for name in os.listdir(path):
-                    try:
-                        os.unlink(os.path.join(path, name))
-                    except OSError:
-                        pass  # a sibling took it, or it is not a file
+            for name in requests:
+                try:
+                    os.unlink(os.path.join(path, name))
+                except OSError:
+                    pass  # a sibling took it, or it is not a file
+            if requests:
                 self._retry_seen = self._retry_stamp()
         if self.running and not self._stopping:
             self._retry_poll = self._reactor.callLater(RETRY_POLL_SECONDS, self._poll_retry_file)
+
+    def _unquarantine(self, name: str) -> None:
+        """A retry request for ``quarantine/<name>``: move it back to ``calls/``
+        (a rename, as cheap as a stat) for :meth:`recover` to take."""
+        if name in (".", "..") or "/" in name:
+            return
+        source = os.path.join(self.spool.root, salvage.QUARANTINE_DIR, name)
+        target = os.path.join(self.spool.calls_dir, name)
+        if not os.path.isdir(source) or os.path.lexists(target):
+            return  # not quarantined (an entry of calls/), or a sibling moved it
+        try:
+            os.rename(source, target)
+        except OSError as e:
+            log.error("cannot move {source} back into the spool to retry it: {reason}",
+                      source=source, reason=_sentence(e))
+            return
+        log.info("{entry} is moved back from the quarantine into the spool, as asked, "
+                 "to be tried again", entry=name)
 
     def retry_now(self) -> None:
         """Everything set aside or waiting for a retry is tried now; the spool is rescanned."""

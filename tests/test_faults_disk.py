@@ -927,6 +927,36 @@ def test_a_frame_id_damaged_on_disk_is_dropped_not_filled_with_silence(tmp_path)
     assert "outOfRange" not in sidecar["perspectives"]["Conference"]
 
 
+def test_a_retry_request_for_a_quarantined_entry_brings_it_back(tmp_path):
+    """`evrecorder spool --retry NAME` of a quarantined entry, once mended, archives it."""
+    from evrecorder import audit
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spooled_call(spool, agent=frames(5, 9))
+    finalize(entry, Settings(spool=spool.root))
+    wav_path = os.path.join(entry.path, "recording.wav")
+    good = open(wav_path, "rb").read()
+    for name in ("sidecar.json", "recording.wav"):
+        with open(os.path.join(entry.path, name), "wb") as f:
+            f.write(b"not this")
+    store = MemoryStore()
+    archiver, clock = sync_archiver(spool, store)
+    archiver.startService()
+    name = os.path.basename(entry.path)
+    moved = os.path.join(spool.root, "quarantine", name)
+    assert os.path.isdir(moved) and store.objects == {}
+    with open(os.path.join(moved, "recording.wav"), "wb") as f:
+        f.write(good)  # the operator mends it from a copy
+    audit.request_retry(spool.root, name, T0)
+    clock.advance(RETRY_POLL_SECONDS)
+    key, wav, sidecar = wav_of(store)
+    assert wav == good and sidecar["damage"]["sidecarRebuilt"] is True
+    assert os.listdir(os.path.join(spool.root, "quarantine")) == []
+    assert os.listdir(os.path.join(spool.root, RETRY_FILE)) == []
+    assert spool.entries() == []
+
+
 def test_an_entry_removed_under_the_archiver_releases_its_lock(tmp_path):
     """An entry removed by an operator before its finalize leaves no descriptor or claim behind."""
     import shutil
