@@ -135,7 +135,7 @@ def _kind(failure) -> tuple[str, bool]:
     if isinstance(e, OSError):
         return errno.errorcode.get(e.errno, "disk error"), False
     if isinstance(e, StoreError):
-        if e.spooled and not isinstance(e.__cause__, OSError):
+        if e.spooled and not _caused_by_os_error(e):
             return "checksum", True  # repaired, see _failed
         return ("spool read" if e.spooled else "store"), False
     if isinstance(e, _DamagedSidecar):
@@ -143,6 +143,19 @@ def _kind(failure) -> tuple[str, bool]:
     if isinstance(e, (ValueError, KeyError, TypeError, IndexError, struct.error)):
         return "unreadable", True
     return "unexpected", True
+
+
+def _caused_by_os_error(e: BaseException) -> bool:
+    """True when a disk error is behind ``e``, however deep (the fallback-key
+    publish wraps the store's error, which wraps the ``OSError``)."""
+    seen = set()
+    cause = e.__cause__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return False
 
 
 class Archiver(service.Service):

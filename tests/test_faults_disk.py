@@ -971,3 +971,33 @@ def test_an_entry_removed_under_the_archiver_releases_its_lock(tmp_path):
     archiver.finalize(entry)
     assert spool.held == set()
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_spool_read_error_after_a_refused_key_is_retried_not_repaired(tmp_path):
+    """The fallback publish failing to read the spooled WAV is a disk error to retry:
+    the sidecar is kept, and no recording is made up from what is left."""
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spooled_call(spool, agent=frames(10, 11))
+    finalize(entry, Settings(spool=spool.root))
+    sidecar_path = os.path.join(entry.path, "sidecar.json")
+    sidecar = json.load(open(sidecar_path))
+    sidecar["key"] = "x" * 10000 + "/c1-1"  # an older version's key: refused (ENAMETOOLONG)
+    json.dump(sidecar, open(sidecar_path, "w"))
+    wav_path = os.path.join(entry.path, "recording.wav")
+    wav = open(wav_path, "rb").read()
+    os.rename(wav_path, wav_path + ".away")  # unreadable for now
+    archive = tmp_path / "archive"
+    archiver, clock = sync_archiver(spool, LocalStore(str(archive)), retry_initial=1.0,
+                                    retry_max=4.0)
+    with LogCapture() as logs:
+        archiver.startService()
+    assert json.load(open(sidecar_path)) == sidecar
+    assert glob.glob(str(archive / "**" / "*.wav"), recursive=True) == []
+    assert archiver.set_aside == {} and logs.texts("retrying in", "reading the spooled")
+    os.rename(wav_path + ".away", wav_path)
+    clock.advance(4.0)
+    [json_path] = glob.glob(str(archive / "**" / "*.json"), recursive=True)
+    archived = json.load(open(json_path))
+    assert "damage" not in archived and archived["perspectives"] == sidecar["perspectives"]
+    assert open(json_path[:-5] + ".wav", "rb").read() == wav
