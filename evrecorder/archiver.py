@@ -452,6 +452,15 @@ class Archiver(service.Service):
                 return "rebuilt", salvage.rebuild_sidecar(
                     entry, self.settings, detail or "the sidecar was lost; rebuilt from the WAV"
                 )
+            if not audio and os.path.exists(
+                os.path.join(entry.path, SIDECAR_FILE + salvage.DAMAGED_SUFFIX)
+            ):
+                # Finalized once (its frames went into a WAV that is gone too):
+                # finalizing again would archive an empty call as a whole one.
+                raise salvage.Damaged(
+                    "its sidecar.json cannot be read, and neither its recording.wav nor "
+                    "its frames are left"
+                )
             header = salvage.read_header(entry)
             if header is None:
                 if not audio:

@@ -1001,3 +1001,22 @@ def test_a_spool_read_error_after_a_refused_key_is_retried_not_repaired(tmp_path
     archived = json.load(open(json_path))
     assert "damage" not in archived and archived["perspectives"] == sidecar["perspectives"]
     assert open(json_path[:-5] + ".wav", "rb").read() == wav
+
+
+def test_a_garbled_sidecar_without_its_wav_is_quarantined_not_made_empty(tmp_path):
+    """Sidecar unreadable, WAV and frames gone: quarantined, never archived as an empty call."""
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spooled_call(spool, agent=frames(5, 9))
+    finalize(entry, Settings(spool=spool.root))
+    with open(os.path.join(entry.path, "sidecar.json"), "wb") as f:
+        f.write(b"not this")
+    os.unlink(os.path.join(entry.path, "recording.wav"))
+    store = MemoryStore()
+    archiver, clock = sync_archiver(spool, store)
+    archiver.startService()
+    clock.advance(3600)
+    assert store.objects == {} and spool.entries() == []
+    moved = os.path.join(spool.root, "quarantine", os.path.basename(entry.path))
+    assert "sidecar.json.damaged" in os.listdir(moved)
+    assert archiver.metrics.quarantined._value.get() == 1
