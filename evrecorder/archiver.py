@@ -192,6 +192,7 @@ class Archiver(service.Service):
         #: entry path -> (entry, why): entries that need an operator (or a fix).
         self.set_aside: dict[str, tuple[CallSpool, str]] = {}
         self._trouble: dict[str, list] = {}  # entry path -> [kind, logged at, not logged since]
+        self._repaired: set[str] = set()  # entries repaired once (see _failed)
         self._store_failing: tuple[float, str] | None = None  # since, last reason
         self._disk_failing: str | None = None  # a file-system-wide error finalizing
         self.spool_min_free = SPOOL_MIN_FREE_BYTES
@@ -541,6 +542,7 @@ class Archiver(service.Service):
     def _forget(self, entry: CallSpool) -> None:
         for books in (self._attempts, self._waiting_since, self._trouble, self.set_aside):
             books.pop(entry.path, None)
+        self._repaired.discard(entry.path)
 
     # -- failures --------------------------------------------------------
 
@@ -554,7 +556,10 @@ class Archiver(service.Service):
             entry.unlock()
             return
         kind, permanent = _kind(f)
-        if kind in ("sidecar", "checksum"):
+        if kind in ("sidecar", "checksum") and entry.path not in self._repaired:
+            # Once: a repair that did not cure it (a faulty archive disk failing
+            # every copy's checksum) is set aside below, not repaired in a loop.
+            self._repaired.add(entry.path)
             self._repair(entry, _sentence(f.value))
             return
         if isinstance(f.value, StoreError) and not f.value.spooled:

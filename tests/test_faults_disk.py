@@ -1020,3 +1020,27 @@ def test_a_garbled_sidecar_without_its_wav_is_quarantined_not_made_empty(tmp_pat
     moved = os.path.join(spool.root, "quarantine", os.path.basename(entry.path))
     assert "sidecar.json.damaged" in os.listdir(moved)
     assert archiver.metrics.quarantined._value.get() == 1
+
+
+def test_a_checksum_that_a_repair_does_not_cure_is_set_aside_not_looped(tmp_path, monkeypatch):
+    """When every copy fails its checksum (a faulty archive disk), the entry is repaired
+    once, then set aside for the rescan: no loop without backoff, the first sidecar kept."""
+    from evrecorder import stores
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spooled_call(spool, agent=frames(5, 13))
+    finalize(entry, Settings(spool=spool.root))
+    original = open(os.path.join(entry.path, "sidecar.json"), "rb").read()
+    hashed = []
+    real = stores.sha256_file
+
+    def corrupted_copies(path, *a):
+        hashed.append(path)
+        return "0" * 64 if len(hashed) < 50 else real(path, *a)
+
+    monkeypatch.setattr(stores, "sha256_file", corrupted_copies)
+    archiver, clock = sync_archiver(spool, LocalStore(str(tmp_path / "archive")))
+    archiver.startService()
+    assert len(hashed) == 2 and len(archiver.set_aside) == 1
+    assert open(os.path.join(entry.path, "sidecar.json.damaged"), "rb").read() == original
