@@ -135,7 +135,7 @@ def _kind(failure) -> tuple[str, bool]:
     if isinstance(e, OSError):
         return errno.errorcode.get(e.errno, "disk error"), False
     if isinstance(e, StoreError):
-        if e.spooled and not isinstance(e.__cause__, OSError):
+        if e.spooled and not _caused_by_os_error(e):
             return "checksum", True  # repaired, see _failed
         return ("spool read" if e.spooled else "store"), False
     if isinstance(e, _DamagedSidecar):
@@ -143,6 +143,19 @@ def _kind(failure) -> tuple[str, bool]:
     if isinstance(e, (ValueError, KeyError, TypeError, IndexError, struct.error)):
         return "unreadable", True
     return "unexpected", True
+
+
+def _caused_by_os_error(e: BaseException) -> bool:
+    """True when a disk error is behind ``e``, however deep (the fallback-key
+    publish wraps the store's error, which wraps the ``OSError``)."""
+    seen = set()
+    cause = e.__cause__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return False
 
 
 class Archiver(service.Service):
@@ -179,6 +192,7 @@ class Archiver(service.Service):
         #: entry path -> (entry, why): entries that need an operator (or a fix).
         self.set_aside: dict[str, tuple[CallSpool, str]] = {}
         self._trouble: dict[str, list] = {}  # entry path -> [kind, logged at, not logged since]
+        self._repaired: set[str] = set()  # entries repaired once (see _failed)
         self._store_failing: tuple[float, str] | None = None  # since, last reason
         self._disk_failing: str | None = None  # a file-system-wide error finalizing
         self.spool_min_free = SPOOL_MIN_FREE_BYTES
@@ -251,14 +265,28 @@ class Archiver(service.Service):
         is compared, so every process sharing the spool sees it.)
 
         ``retry`` may also be a directory of request files, one per entry (what
-        a tool may write): a new file changes the directory's time the same
-        way.  Everything is retried, and the requests seen are removed.
+        ``evrecorder spool --retry NAME`` writes): a new file changes the
+        directory's time the same way.  A request naming an entry in
+        ``<spool>/quarantine/`` moves it back into the spool first (the
+        operator mended it), so it is tried again; if it still cannot be
+        recovered it is quarantined again.  Everything is retried, and the
+        requests seen are removed.
         """
         self._retry_poll = None
         stamp = self._retry_stamp()
         if stamp is not None and stamp != self._retry_seen:
             self._retry_seen = stamp
             path = os.path.join(self.spool.root, RETRY_FILE)
+            requests = []
+            if os.path.isdir(path):
+                try:
+                    # Not the temporary file of a request being written.
+                    requests = [n for n in os.listdir(path) if not n.startswith(".")]
+                except OSError as e:
+                    log.error("cannot read the retry requests in {path}: {reason}",
+                              path=path, reason=_sentence(e))
+            for name in requests:
+                self._unquarantine(name)
             log.info(
                 "{path} was touched: retrying {n} entries set aside and {m} waiting for "
                 "their next attempt", path=path, n=len(self.set_aside), m=len(self._retries),
@@ -267,15 +295,33 @@ class Archiver(service.Service):
                 self.retry_now()
             except Exception:
                 log.failure("retrying on request failed")
-            if os.path.isdir(path):
-                for name in os.listdir(path):
-                    try:
-                        os.unlink(os.path.join(path, name))
-                    except OSError:
-                        pass  # a sibling took it, or it is not a file
+            for name in requests:
+                try:
+                    os.unlink(os.path.join(path, name))
+                except OSError:
+                    pass  # a sibling took it, or it is not a file
+            if requests:
                 self._retry_seen = self._retry_stamp()
         if self.running and not self._stopping:
             self._retry_poll = self._reactor.callLater(RETRY_POLL_SECONDS, self._poll_retry_file)
+
+    def _unquarantine(self, name: str) -> None:
+        """A retry request for ``quarantine/<name>``: move it back to ``calls/``
+        (a rename, as cheap as a stat) for :meth:`recover` to take."""
+        if name in (".", "..") or "/" in name:
+            return
+        source = os.path.join(self.spool.root, salvage.QUARANTINE_DIR, name)
+        target = os.path.join(self.spool.calls_dir, name)
+        if not os.path.isdir(source) or os.path.lexists(target):
+            return  # not quarantined (an entry of calls/), or a sibling moved it
+        try:
+            os.rename(source, target)
+        except OSError as e:
+            log.error("cannot move {source} back into the spool to retry it: {reason}",
+                      source=source, reason=_sentence(e))
+            return
+        log.info("{entry} is moved back from the quarantine into the spool, as asked, "
+                 "to be tried again", entry=name)
 
     def retry_now(self) -> None:
         """Everything set aside or waiting for a retry is tried now; the spool is rescanned."""
@@ -407,6 +453,15 @@ class Archiver(service.Service):
                 return "rebuilt", salvage.rebuild_sidecar(
                     entry, self.settings, detail or "the sidecar was lost; rebuilt from the WAV"
                 )
+            if not audio and os.path.exists(
+                os.path.join(entry.path, SIDECAR_FILE + salvage.DAMAGED_SUFFIX)
+            ):
+                # Finalized once (its frames went into a WAV that is gone too):
+                # finalizing again would archive an empty call as a whole one.
+                raise salvage.Damaged(
+                    "its sidecar.json cannot be read, and neither its recording.wav nor "
+                    "its frames are left"
+                )
             header = salvage.read_header(entry)
             if header is None:
                 if not audio:
@@ -480,12 +535,14 @@ class Archiver(service.Service):
                 "{entry} cannot be recovered ({why}); it is moved, whole, to {where} for "
                 "an operator", entry=name, why=why, where=where,
             )
-        else:
+        else:  # gone: removed meanwhile (by an operator)
             self._forget(entry)
+            entry.unlock()
 
     def _forget(self, entry: CallSpool) -> None:
         for books in (self._attempts, self._waiting_since, self._trouble, self.set_aside):
             books.pop(entry.path, None)
+        self._repaired.discard(entry.path)
 
     # -- failures --------------------------------------------------------
 
@@ -499,7 +556,10 @@ class Archiver(service.Service):
             entry.unlock()
             return
         kind, permanent = _kind(f)
-        if kind in ("sidecar", "checksum"):
+        if kind in ("sidecar", "checksum") and entry.path not in self._repaired:
+            # Once: a repair that did not cure it (a faulty archive disk failing
+            # every copy's checksum) is set aside below, not repaired in a loop.
+            self._repaired.add(entry.path)
             self._repair(entry, _sentence(f.value))
             return
         if isinstance(f.value, StoreError) and not f.value.spooled:

@@ -127,7 +127,9 @@ class LocalArchive:
 
     def read(self, name: str, limit: int = MAX_SIDECAR) -> tuple[bytes, dict]:
         with open(self._path(name), "rb") as f:
-            return f.read(limit + 1), {}
+            # Not read(limit + 1) at once: that reserves the whole limit (16 MiB)
+            # for every sidecar of a few KB, on each worker.
+            return f.read(min(limit, os.fstat(f.fileno()).st_size) + 1), {}
 
     def stream(self, name: str) -> Stream:
         f = open(self._path(name), "rb")

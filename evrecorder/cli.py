@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None, now=time.time, out: TextIO | None = None
         return EXIT_OK
 
 
+#: Keys of incomplete recordings listed per endReason (the rest are counted).
+INCOMPLETE_SHOWN = 20
+
+
 class _Refused(Exception):
     """A sentence for stderr, then exit status 2."""
 
@@ -228,7 +232,10 @@ def _verify(args, archive, now: float, out: TextIO, err: TextIO) -> int:
             if result.status != "ok":
                 failed.append(result)
             if result.summary.get("complete") is False:
-                incomplete.setdefault(str(result.summary.get("endReason")), []).append(result.key)
+                # A few keys per endReason for the report; the summary counts them all.
+                keys = incomplete.setdefault(str(result.summary.get("endReason")), [])
+                if len(keys) < INCOMPLETE_SHOWN:
+                    keys.append(result.key)
             if args.verbose:
                 out.write(_result_line(result) + "\n")
     except BrokenPipeError:
@@ -268,8 +275,9 @@ def _print_report(out, archive, args, summary: audit.Summary, failed, incomplete
     if incomplete:
         out.write("\nIncomplete recordings, by endReason:\n")
         for reason, keys in sorted(incomplete.items()):
-            out.write(f"  {reason} ({len(keys)}): {', '.join(keys[:20])}"
-                      + (" ..." if len(keys) > 20 else "") + "\n")
+            count = summary.incomplete.get(reason, len(keys))
+            out.write(f"  {reason} ({count}): {', '.join(keys)}"
+                      + (" ..." if count > len(keys) else "") + "\n")
     s = summary
     rows = [
         ("archive", archive.describe() + (f" (since {args.since})" if args.since else "")),

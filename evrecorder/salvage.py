@@ -160,9 +160,15 @@ def mark_recovered(entry: CallSpool, sidecar: dict, damage: dict) -> dict:
 
 def set_damaged_sidecar_aside(entry: CallSpool) -> None:
     """``sidecar.json`` renamed to ``sidecar.json.damaged``: the entry is no longer
-    finalized, and the operator keeps the damaged file."""
+    finalized, and the operator keeps the damaged file.  One set aside before
+    (the first, most likely the call's own) is never replaced: a later one
+    becomes ``sidecar.json.damaged.2`` and so on."""
     path = os.path.join(entry.path, SIDECAR_FILE)
-    os.replace(path, path + DAMAGED_SUFFIX)
+    target, n = path + DAMAGED_SUFFIX, 1
+    while os.path.lexists(target):
+        n += 1
+        target = f"{path}{DAMAGED_SUFFIX}.{n}"
+    os.rename(path, target)
 
 
 def discard_scratch(entry: CallSpool) -> None:

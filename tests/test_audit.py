@@ -471,3 +471,43 @@ def test_a_sidecar_whose_stored_checksum_differs_is_named():
     [pair] = audit.pairs(archive.list())
     assert audit.verify_recording(archive, pair, now=0.0).problems == [
         "S3's stored SHA-256 checksum of the sidecar differs from its content"]
+
+
+def test_verify_memory_does_not_grow_with_incomplete_recordings(tmp_path):
+    """verify's memory does not grow with the archive: a few keys per endReason for the
+    report (not every incomplete one's), and no 16 MiB reserved for each sidecar read."""
+    import hashlib
+    import io
+    import tracemalloc
+
+    from evrecorder import cli as cli_module, wav
+
+    data = wav.header("pcm16", 0)
+    sha = hashlib.sha256(data).hexdigest()
+    n = 6000
+    for i in range(n):
+        # Long keys (as a key template may make), 100 recordings a directory.
+        key = f"{i // 100:02d}/{'k' * 200}/{'e' * 200}/{'z' * 190}/{i:05d}-{'y' * 200}"
+        path = tmp_path / "archive" / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(str(path) + ".wav").write_bytes(data)
+        Path(str(path) + ".json").write_text(json.dumps({
+            "schema": "evrecorder/1", "key": key, "callId": str(i), "sessionId": "1",
+            "audio": {"encoding": "pcm16", "sampleRateHertz": 8000, "channels": 2,
+                      "durationSeconds": 0.0, "bytes": len(data), "sha256": sha},
+            "timing": {"firstMediaAt": "2026-11-27T10:00:00.000Z"},
+            "complete": False, "endReason": "disconnect",
+        }))
+    out, err = io.StringIO(), io.StringIO()
+    tracemalloc.start()
+    try:
+        status = cli_module.main(["verify", str(tmp_path / "archive"), "--no-progress"],
+                                 out=out, err=err)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert status == 0, out.getvalue() + err.getvalue()
+    assert f"disconnect ({n}): " in out.getvalue() and " ..." in out.getvalue()
+    # About 4 MB whatever n; each key kept adds 0.9 KB (5 MB here), each
+    # sidecar read reserving 16 MiB much more.
+    assert peak < 6_500_000, f"peak {peak} bytes"

@@ -925,3 +925,122 @@ def test_a_frame_id_damaged_on_disk_is_dropped_not_filled_with_silence(tmp_path)
     assert (agent["frames"], agent["missing"]) == (9, 1)
     assert sidecar["audio"]["durationSeconds"] == 10 * 0.02
     assert "outOfRange" not in sidecar["perspectives"]["Conference"]
+
+
+def test_a_retry_request_for_a_quarantined_entry_brings_it_back(tmp_path):
+    """`evrecorder spool --retry NAME` of a quarantined entry, once mended, archives it."""
+    from evrecorder import audit
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spooled_call(spool, agent=frames(5, 9))
+    finalize(entry, Settings(spool=spool.root))
+    wav_path = os.path.join(entry.path, "recording.wav")
+    good = open(wav_path, "rb").read()
+    for name in ("sidecar.json", "recording.wav"):
+        with open(os.path.join(entry.path, name), "wb") as f:
+            f.write(b"not this")
+    store = MemoryStore()
+    archiver, clock = sync_archiver(spool, store)
+    archiver.startService()
+    name = os.path.basename(entry.path)
+    moved = os.path.join(spool.root, "quarantine", name)
+    assert os.path.isdir(moved) and store.objects == {}
+    with open(os.path.join(moved, "recording.wav"), "wb") as f:
+        f.write(good)  # the operator mends it from a copy
+    audit.request_retry(spool.root, name, T0)
+    clock.advance(RETRY_POLL_SECONDS)
+    key, wav, sidecar = wav_of(store)
+    assert wav == good and sidecar["damage"]["sidecarRebuilt"] is True
+    assert os.listdir(os.path.join(spool.root, "quarantine")) == []
+    assert os.listdir(os.path.join(spool.root, RETRY_FILE)) == []
+    assert spool.entries() == []
+
+
+def test_an_entry_removed_under_the_archiver_releases_its_lock(tmp_path):
+    """An entry removed by an operator before its finalize leaves no descriptor or claim behind."""
+    import shutil
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spooled_call(spool, agent=frames(5, 9))
+    archiver, clock = sync_archiver(spool, MemoryStore())
+    fds = len(os.listdir("/proc/self/fd"))
+    assert entry.lock() and spool.held == {entry}
+    shutil.rmtree(entry.path)
+    archiver.finalize(entry)
+    assert spool.held == set()
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_spool_read_error_after_a_refused_key_is_retried_not_repaired(tmp_path):
+    """The fallback publish failing to read the spooled WAV is a disk error to retry:
+    the sidecar is kept, and no recording is made up from what is left."""
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spooled_call(spool, agent=frames(10, 11))
+    finalize(entry, Settings(spool=spool.root))
+    sidecar_path = os.path.join(entry.path, "sidecar.json")
+    sidecar = json.load(open(sidecar_path))
+    sidecar["key"] = "x" * 10000 + "/c1-1"  # an older version's key: refused (ENAMETOOLONG)
+    json.dump(sidecar, open(sidecar_path, "w"))
+    wav_path = os.path.join(entry.path, "recording.wav")
+    wav = open(wav_path, "rb").read()
+    os.rename(wav_path, wav_path + ".away")  # unreadable for now
+    archive = tmp_path / "archive"
+    archiver, clock = sync_archiver(spool, LocalStore(str(archive)), retry_initial=1.0,
+                                    retry_max=4.0)
+    with LogCapture() as logs:
+        archiver.startService()
+    assert json.load(open(sidecar_path)) == sidecar
+    assert glob.glob(str(archive / "**" / "*.wav"), recursive=True) == []
+    assert archiver.set_aside == {} and logs.texts("retrying in", "reading the spooled")
+    os.rename(wav_path + ".away", wav_path)
+    clock.advance(4.0)
+    [json_path] = glob.glob(str(archive / "**" / "*.json"), recursive=True)
+    archived = json.load(open(json_path))
+    assert "damage" not in archived and archived["perspectives"] == sidecar["perspectives"]
+    assert open(json_path[:-5] + ".wav", "rb").read() == wav
+
+
+def test_a_garbled_sidecar_without_its_wav_is_quarantined_not_made_empty(tmp_path):
+    """Sidecar unreadable, WAV and frames gone: quarantined, never archived as an empty call."""
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spooled_call(spool, agent=frames(5, 9))
+    finalize(entry, Settings(spool=spool.root))
+    with open(os.path.join(entry.path, "sidecar.json"), "wb") as f:
+        f.write(b"not this")
+    os.unlink(os.path.join(entry.path, "recording.wav"))
+    store = MemoryStore()
+    archiver, clock = sync_archiver(spool, store)
+    archiver.startService()
+    clock.advance(3600)
+    assert store.objects == {} and spool.entries() == []
+    moved = os.path.join(spool.root, "quarantine", os.path.basename(entry.path))
+    assert "sidecar.json.damaged" in os.listdir(moved)
+    assert archiver.metrics.quarantined._value.get() == 1
+
+
+def test_a_checksum_that_a_repair_does_not_cure_is_set_aside_not_looped(tmp_path, monkeypatch):
+    """When every copy fails its checksum (a faulty archive disk), the entry is repaired
+    once, then set aside for the rescan: no loop without backoff, the first sidecar kept."""
+    from evrecorder import stores
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spooled_call(spool, agent=frames(5, 13))
+    finalize(entry, Settings(spool=spool.root))
+    original = open(os.path.join(entry.path, "sidecar.json"), "rb").read()
+    hashed = []
+    real = stores.sha256_file
+
+    def corrupted_copies(path, *a):
+        hashed.append(path)
+        return "0" * 64 if len(hashed) < 50 else real(path, *a)
+
+    monkeypatch.setattr(stores, "sha256_file", corrupted_copies)
+    archiver, clock = sync_archiver(spool, LocalStore(str(tmp_path / "archive")))
+    archiver.startService()
+    assert len(hashed) == 2 and len(archiver.set_aside) == 1
+    assert open(os.path.join(entry.path, "sidecar.json.damaged"), "rb").read() == original
