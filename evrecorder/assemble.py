@@ -709,14 +709,14 @@ def _segments(found: _Events, scanned: dict[int, list]) -> tuple[list[Segment], 
     return segments, rate
 
 
-def _place(entry: CallSpool, segments: list[Segment], settings: Settings) -> None:
+def _place(entry: CallSpool, segments: list[Segment], settings: Settings, header: dict) -> None:
     """Every segment's chunks into its scratch file, in one pass in arrival order."""
     tracks: dict[int, _Track] = {}
     for segment in segments:
         if segment.records:
             scratch = os.path.join(entry.path, f"{SCRATCH_PREFIX}{segment.index}{SCRATCH_SUFFIX}")
             tracks[segment.index] = _Track(segment, settings.reorder_window,
-                                           settings.max_call_duration, scratch)
+                                           settings.max_duration_for(header), scratch)
     for index, seq, at, _, payload in read_chunks(os.path.join(entry.path, CHUNKS_FILE)):
         track = tracks.get(index)
         if track is None:
@@ -761,7 +761,7 @@ def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
     found = _Events.read(events)
     scanned, last_chunk_at = _scan(os.path.join(entry.path, CHUNKS_FILE))
     segments, rate = _segments(found, scanned)
-    _place(entry, segments, settings)
+    _place(entry, segments, settings, header)
 
     # Sample 0 is the first arrival of recorded audio; offsets in whole frames.
     recorded = [s for s in segments if s.recorded and s.raw_samples]

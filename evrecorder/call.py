@@ -282,6 +282,9 @@ class CallRegistry:
                     "query": query,
                     "connectedAt": connected_at,
                     "createdAt": self.clock.seconds(),
+                    # The live side's bound on ids: finalize keeps it even
+                    # if a later start runs with a shorter one.
+                    "maxCallDuration": self.settings.max_call_duration,
                 }
                 entry = self._new_entry(call_id, session_id, header, connected_at)
             except BaseException:
@@ -358,6 +361,7 @@ class CallRegistry:
             "query": {},
             "connectedAt": connected_at,
             "createdAt": self.clock.seconds(),
+            "maxCallDuration": self.settings.max_call_duration,
         }
         try:
             entry = self._new_entry(dialog_id, session_id, header, connected_at)

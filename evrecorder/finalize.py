@@ -37,7 +37,7 @@ from evrecorder.assemble import SOURCE as GRPC_SOURCE
 from evrecorder.assemble import finalize_grpc
 from evrecorder.framefile import read_runs, split
 from evrecorder.placement import FRAME_BYTES, SHORT_RUN, PerspectiveStats, Placer
-from evrecorder.settings import PERSPECTIVE_OF, PERSPECTIVES, ROLE_OF, Settings
+from evrecorder.settings import FRAMES_PER_SECOND, PERSPECTIVE_OF, PERSPECTIVES, ROLE_OF, Settings
 from evrecorder.sidecar import SCHEMA, rfc3339  # noqa: F401 (the archiver imports them here)
 from evrecorder.spool import (
     CALL_FRAMES_FILE,
@@ -188,7 +188,8 @@ def finalize(
     _split(entry)
     placed = {
         p: _place(entry, p, settings.reorder_window, starts.get(p, (0, None))[1],
-                  settings.max_sequence_span)
+                  int(settings.max_duration_for(header) * FRAMES_PER_SECOND)
+                  + settings.reorder_window)
         for p in PERSPECTIVES
     }
     begin = {}

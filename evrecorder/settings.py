@@ -48,6 +48,15 @@ class Settings:
     retry_max: float = 300.0
     s3: dict = field(default_factory=dict)
 
+    def max_duration_for(self, header: dict) -> float:
+        """The longest a spooled recording may be: this process's
+        ``max_call_duration``, or the one it was recorded under if longer (a
+        crash-left call finalized after the option was lowered keeps its audio)."""
+        recorded = header.get("maxCallDuration")
+        if isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
+            return max(self.max_call_duration, float(recorded))
+        return self.max_call_duration
+
     @property
     def max_sequence_span(self) -> int:
         """How far a sequenceId may stray from the perspective's first one."""

@@ -91,6 +91,7 @@ def test_a_dialog_writes_header_events_and_chunks_as_the_contract_says(tmp_path)
         assert json.load(f) == {
             "source": "grpc", "callId": "d1", "sessionId": "s1", "accountId": "acc",
             "metadata": METADATA, "query": {}, "connectedAt": T0 - 0.5, "createdAt": T0,
+            "maxCallDuration": 14400.0,
         }
     assert events(d) == [
         {"event": "stream", "stream": 0, "sessionId": "s1", "at": T0 - 0.5},

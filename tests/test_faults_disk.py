@@ -1044,3 +1044,27 @@ def test_a_checksum_that_a_repair_does_not_cure_is_set_aside_not_looped(tmp_path
     archiver.startService()
     assert len(hashed) == 2 and len(archiver.set_aside) == 1
     assert open(os.path.join(entry.path, "sidecar.json.damaged"), "rb").read() == original
+
+
+def test_a_call_recorded_under_a_longer_max_duration_keeps_its_frames(tmp_path):
+    """Finalized after --max-call-duration was lowered, a spooled call keeps the
+    frames it was allowed when recorded (its header says the bound)."""
+    from evrecorder.finalize import finalize
+    from evrecorder.settings import Settings
+    from evrecorder.spool import CALL_RECORD, Spool
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.prepare()
+    entry = spool.new_call("long", "1", 1000.0)
+    entry.create({"callId": "long", "sessionId": "1", "metadata": {}, "query": {},
+                  "connectedAt": 1000.0, "createdAt": 1000.0, "maxCallDuration": 14400.0})
+    entry.append_event({"event": "media", "perspective": "Participant", "at": 1000.0,
+                        "offsetFrames": 0, "firstSequenceId": 1})
+    entry.close()
+    with open(os.path.join(entry.path, "call.frames"), "wb") as f:
+        for seq in (1, 2, 3, 3000, 3001):  # a minute in: beyond a 10 s bound
+            f.write(CALL_RECORD.pack(0, seq, 160) + b"\x11" * 160)
+    sidecar = finalize(entry, Settings(spool=spool.root, reorder_window=2, max_call_duration=10))
+    agent = sidecar["perspectives"]["Participant"]
+    assert "outOfRange" not in agent
+    assert agent["frames"] == 5 and agent["lastSequenceId"] == "3001"
