@@ -516,3 +516,15 @@ def test_bad_options_raise_value_error(options):
     """Invalid SSE settings and sizes are refused when the store is built."""
     with pytest.raises(ValueError):
         S3Store("bkt", region="us-east-1", **options)
+
+
+def test_an_s3_prefix_too_long_for_any_key_is_refused_at_start():
+    """A prefix over 200 bytes stops twistd's option check with a sentence, rather
+    than making every publish (the fallback key's too) fail for good later."""
+    from twisted.python import usage
+
+    from evrecorder.tap import Options
+
+    with pytest.raises(usage.UsageError, match="S3 prefix is 201 bytes long"):
+        Options().parseOptions(["--archive", "s3://bucket/" + "p" * 201])
+    Options().parseOptions(["--archive", "s3://bucket/" + "p" * 200])
