@@ -43,6 +43,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Iterator
 
+from evrecorder.archiver import RETRY_FILE
+from evrecorder.chunkfile import CHUNKS_FILE
+from evrecorder.salvage import QUARANTINE_DIR
 from evrecorder.spool import (
     CALL_FILE,
     CALL_FRAMES_FILE,
@@ -609,10 +612,9 @@ class Summary:
 # -- the spool ----------------------------------------------------------------------
 
 #: A running recorder's retry requests: ``<spool>/retry/<entry name>``.
-RETRY_DIR = "retry"
-QUARANTINE_DIR = "quarantine"
+RETRY_DIR = RETRY_FILE  # the recorder reads requests there (a file, or a folder of them)
 CALLS_DIR = "calls"
-_KNOWN_ENTRY_FILES = {CALL_FILE, EVENTS_FILE, WAV_FILE, SIDECAR_FILE, CALL_FRAMES_FILE, "call.chunks"}
+_KNOWN_ENTRY_FILES = {CALL_FILE, EVENTS_FILE, WAV_FILE, SIDECAR_FILE, CALL_FRAMES_FILE, CHUNKS_FILE}
 #: Per-perspective frames (older versions) and the finalizer's scratch files.
 _SCRATCH_SUFFIXES = (FRAMES_SUFFIX, ".split", ".placed", ".tmp")
 
@@ -747,7 +749,7 @@ def spool_report(root: str, now: float) -> dict:
             if isinstance(header, dict):
                 entry.update(callId=header.get("callId"), sessionId=header.get("sessionId"))
         else:
-            audio = [n for n in files if n.endswith(FRAMES_SUFFIX) or n == "call.chunks"]
+            audio = [n for n in files if n.endswith(FRAMES_SUFFIX) or n == CHUNKS_FILE]
             entry["state"] = "no header" if audio else "empty"
         other = [n for n in files if n not in _KNOWN_ENTRY_FILES and not n.startswith(".")
                  and not n.endswith(_SCRATCH_SUFFIXES)]
