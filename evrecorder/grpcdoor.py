@@ -253,19 +253,21 @@ _UNREADABLE = object()  # a message grpcio could not read (its text follows)
 class _AioStream:
     """One RPC as the gRPC thread sees it: reads, batches, waits for the end."""
 
-    __slots__ = ("bridge", "rstream", "pending", "inflight", "final", "space", "loop")
+    __slots__ = ("bridge", "rstream", "pending", "inflight", "submitted", "final", "space",
+                 "loop")
 
     def __init__(self, bridge: _Bridge, rstream, loop):
         self.bridge = bridge
         self.rstream = rstream
         self.pending: list = []
         self.inflight = False
+        self.submitted = False  # the reactor has heard of this stream
         self.loop = loop
         self.final: asyncio.Future = loop.create_future()
         self.space: asyncio.Future | None = None
 
     def submit(self) -> None:
-        self.inflight = True
+        self.inflight = self.submitted = True
         events, self.pending = self.pending, []
         self.bridge.to_reactor(self.rstream, events)
 
@@ -340,6 +342,17 @@ class _Servicer:
         st = _AioStream(door.bridge, rstream, loop)
         rstream.aio = st
         reader = loop.create_task(st.read(request_iterator, door.clock))
+        seconds = door.settings.idle_timeout
+
+        def silent():
+            # No event at all: the reactor has never heard of this stream, so
+            # no dialog's idle timeout covers it; it would hold its slot forever.
+            if not st.submitted and not st.final.done():
+                door.refused(peer, "idle")
+                st.final.set_result((grpc.StatusCode.DEADLINE_EXCEEDED,
+                                     f"no event within {seconds:g} s of the stream's start"))
+
+        idle = loop.call_later(seconds, silent)
         try:
             code, details = await st.final
         except asyncio.CancelledError:
@@ -351,6 +364,7 @@ class _Servicer:
                 st.submit()  # past the flow control: the last batch, and what it read
             raise
         finally:
+            idle.cancel()
             if not reader.done():
                 reader.cancel()
         if code is grpc.StatusCode.OK:
@@ -594,7 +608,8 @@ class GrpcDoor(service.Service):
         return ok
 
     def refused(self, peer: str, reason: str) -> None:
-        """A stream refused before any event was read (called on the gRPC thread)."""
+        """A stream refused before any event was read: "secret", "draining", or
+        "idle" (none came within --idle-timeout).  Called on the gRPC thread."""
         self._reactor.callFromThread(self._refused, peer, reason)
 
     def _refused(self, peer: str, reason: str) -> None:
@@ -602,6 +617,9 @@ class GrpcDoor(service.Service):
         if reason == "secret":
             log.warn("gRPC stream from {peer} refused (UNAUTHENTICATED): missing or wrong credential",
                      peer=peer)
+        elif reason == "idle":
+            log.warn("gRPC stream from {peer} ended (DEADLINE_EXCEEDED): no event within {seconds} s",
+                     peer=peer, seconds=self.settings.idle_timeout)
         else:
             log.info("gRPC stream from {peer} refused (UNAVAILABLE): draining", peer=peer)
 

@@ -58,7 +58,7 @@ class Metrics:
         self.placement: Tally = Tally()  # (counter, perspective) -> n, from finalized calls
         self.rejected: Tally = Tally()  # handshake refusals by reason
         self.closed: Tally = Tally()  # sockets closed for bad input, by close code
-        # The gRPC door's: streams refused before any event (secret, draining),
+        # The gRPC door's: streams refused before any event (secret, draining, idle),
         # streams ended for bad input or our fault (by status name), streams opened.
         self.grpc_rejected: Tally = Tally()
         self.grpc_closed: Tally = Tally()

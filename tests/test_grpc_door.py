@@ -394,3 +394,18 @@ def test_grpc_listen_option(tmp_path):
     assert str(e.value).startswith("--grpc-listen unix:/tmp/x: a gRPC endpoint is tcp:PORT")
     assert Options()["grpc-listen"] == []
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_that_sends_nothing_ends_after_the_idle_timeout(door):
+    """A stream that never sends an event ends with DEADLINE_EXCEEDED after --idle-timeout; one with a DialogInit is left to its dialog."""
+    d = door(idle_timeout=0.5)
+    silent = OpenStream(d.ports[0])
+    joined = OpenStream(d.ports[0])
+    joined.send(dialog_init("d-1"))
+    code, details = await deferToThread(silent.result, 10.0)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no event" in details
+    await until(lambda: d.metrics.grpc_rejected["idle"] == 1)
+    assert d.registry.joins and not joined.done  # the dialog's own idle timeout decides for it
+    joined.close()
+    assert await deferToThread(joined.result) == (grpc.StatusCode.OK, "")
