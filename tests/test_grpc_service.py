@@ -321,3 +321,16 @@ async def test_so_reuseport_only_with_reuse_port(recorder_factory, tmp_path):
     one = await recorder_factory(grpc_listen=spec, subdir="c", reuse_port=True)
     two = await recorder_factory(grpc_listen=spec, subdir="d", reuse_port=True)
     assert one.grpc_port == two.grpc_port == port
+
+
+def test_active_calls_by_door_go_by_the_kind_of_recording(tmp_path):
+    """A WebSocket call whose callId is "grpc" is still counted under door="websocket"."""
+    from evrecorder.service import RecorderService
+    from evrecorder.settings import Settings
+    from evrecorder.stores import LocalStore
+
+    settings = Settings(archive=str(tmp_path / "a"), spool=str(tmp_path / "s"))
+    service = RecorderService(settings, LocalStore(settings.archive), reactor())
+    service.registry.calls[("grpc", "session-1")] = object()  # a WebSocket call's (callId, sessionId)
+    service.registry.calls[("grpc", "acc-1", "d-1")] = object()  # a dialog's key
+    assert service.metrics.gauges["evrecorder_active_calls"]() == {"websocket": 1, "grpc": 1}
