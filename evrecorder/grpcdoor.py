@@ -689,15 +689,18 @@ class GrpcDoor(service.Service):
                                 info.data if info.HasField("data") else None, at)
         elif kind == "segment_stop":
             dialog.segment_stop(stream, event.segment_stop.segment_id, at)
-        # else: no event we know (a newer vendor version): ignored, as the
-        # proto3 rule for unknown fields says.
+        else:
+            # No event we know (a newer vendor version): ignored, as the proto3
+            # rule for unknown fields says; still activity for --idle-timeout.
+            dialog.touch()
 
     def _dialog_init(self, stream: _Stream, event) -> None:
         init = event.dialog_init
         key = (init.account.id, init.dialog.id)
         if stream.dialog is not None:
             if key == stream.key:
-                return  # the same DialogInit again: nothing new
+                stream.dialog.touch()  # the same DialogInit again: only activity
+                return
             raise CallRejected(
                 "precondition",
                 f"a second DialogInit names another dialog ({init.dialog.id!r}, recording "

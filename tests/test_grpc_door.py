@@ -46,6 +46,9 @@ class FakeDialog:
     def segment_stop(self, conn, segment_id, at):
         self.calls.append(("stop", segment_id))
 
+    def touch(self):
+        self.calls.append(("touch",))
+
     def flush(self):
         self.calls.append(("flush",))
         if self.registry.fail_flush:

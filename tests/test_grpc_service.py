@@ -334,3 +334,19 @@ def test_active_calls_by_door_go_by_the_kind_of_recording(tmp_path):
     service.registry.calls[("grpc", "session-1")] = object()  # a WebSocket call's (callId, sessionId)
     service.registry.calls[("grpc", "acc-1", "d-1")] = object()  # a dialog's key
     assert service.metrics.gauges["evrecorder_active_calls"]() == {"websocket": 1, "grpc": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_event_counts_as_activity_for_the_idle_timeout(recorder_factory):
+    """A repeated DialogInit and an event of a kind this version does not know keep a dialog from "timeout"."""
+    rec = await recorder_factory(grpc_listen=True, reconnect_grace=GRACE, idle_timeout=0.6)
+    s = OpenStream(rec.grpc_port)
+    s.send(dialog_init("alive"))
+    newer = pb.StreamEvent.FromString(b"\x7a\x01\x00")  # field 15: an event kind added later
+    for n in range(8):
+        await task.deferLater(reactor(), 0.2, lambda: None)
+        s.send(dialog_init("alive") if n % 2 else newer)
+    s.close()
+    assert await deferToThread(s.result) == (grpc.StatusCode.OK, "")
+    [sidecar] = await rec.archived()
+    assert sidecar["endReason"] == "stop"
