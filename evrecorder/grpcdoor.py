@@ -402,8 +402,7 @@ def _to_dict(message) -> dict:
 class _Stream:
     """One RPC as the reactor sees it; also the ``conn`` the core knows."""
 
-    __slots__ = ("door", "peer", "connected_at", "aio", "dialog", "key", "session_id",
-                 "done", "label")
+    __slots__ = ("door", "peer", "connected_at", "aio", "dialog", "key", "done", "label")
 
     def __init__(self, door: "GrpcDoor", peer: str, connected_at: float):
         self.door = door
@@ -412,7 +411,6 @@ class _Stream:
         self.aio: _AioStream | None = None
         self.dialog = None
         self.key: tuple[str, str] | None = None
-        self.session_id = ""
         self.done = False
         self.label = peer
 
@@ -708,7 +706,6 @@ class GrpcDoor(service.Service):
             )
         if not init.dialog.id:
             raise CallRejected("invalid", "DialogInit has no dialog id")
-        stream.session_id = event.session_id
         stream.label = f"{init.dialog.id}/{event.session_id} from {stream.peer}"
         metadata = {"account": _to_dict(init.account), "dialog": _to_dict(init.dialog)}
         stream.dialog = self.registry.join_dialog(
