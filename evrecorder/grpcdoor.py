@@ -44,7 +44,7 @@ from twisted.logger import Logger
 
 from evrecorder.errors import CallRejected
 from evrecorder.grpcapi import streaming_pb2 as pb
-from evrecorder.secrets import SecretChecker
+from evrecorder.secrets import SecretChecker, credential
 
 log = Logger()
 
@@ -600,9 +600,7 @@ class GrpcDoor(service.Service):
         for value in presented:
             if isinstance(value, bytes):
                 value = value.decode("utf-8", "replace")
-            scheme, _, rest = value.partition(" ")
-            token = rest.strip() if scheme.lower() == "bearer" and rest else value.strip()
-            ok &= self.secrets.matches(token)
+            ok &= self.secrets.matches(credential(value))
         return ok
 
     def refused(self, peer: str, reason: str) -> None:
