@@ -616,8 +616,8 @@ class GrpcDoor(service.Service):
         elif reason == "idle":
             log.warn("gRPC stream from {peer} ended (DEADLINE_EXCEEDED): no event within {seconds} s",
                      peer=peer, seconds=self.settings.idle_timeout)
-        else:
-            log.info("gRPC stream from {peer} refused (UNAVAILABLE): draining", peer=peer)
+        # "draining": counted only, as the WebSocket door's refused handshakes;
+        # the drain itself is one line (service), not one a stream.
 
     # -- on the reactor ----------------------------------------------------------
 

@@ -412,3 +412,27 @@ async def test_a_stream_that_sends_nothing_ends_after_the_idle_timeout(door):
     assert d.registry.joins and not joined.done  # the dialog's own idle timeout decides for it
     joined.close()
     assert await deferToThread(joined.result) == (grpc.StatusCode.OK, "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_streams_refused_while_draining_are_counted_not_logged_one_by_one(door):
+    """While draining, each refused stream counts in the metrics but writes no line (as refused handshakes)."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    d = door()
+    lines = []
+
+    def observe(event):
+        if event.get("log_namespace") == "evrecorder.grpcdoor":
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        d.drain()
+        for _ in range(3):
+            code, _ = await deferToThread(send, d.ports[0], [dialog_init("d-1")])
+            assert code == grpc.StatusCode.UNAVAILABLE
+        await until(lambda: d.metrics.grpc_rejected["draining"] == 3)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert lines == []
