@@ -56,6 +56,9 @@ MAX_EVENT_BYTES = 65535 + 1024
 GRPC_MAX_MESSAGE_BYTES = 4 * MAX_EVENT_BYTES
 #: Events one stream reads ahead while its previous batch is being handled.
 BATCH_MAX = 64
+#: How long a stream whose input ended waits for grpcio to cancel it (a
+#: failed or broken call) before that end counts as the client's half-close.
+HALF_CLOSE_SETTLE_SECONDS = 0.05
 #: Keepalive: the server pings an idle connection this often and drops it when
 #: the ping is not answered in time; clients may ping as often as they like
 #: (more often than CLIENT_PING_MIN_SECONDS counts as a strike, and strikes are
@@ -296,10 +299,11 @@ class _AioStream:
                     return
             # grpcio ends the iteration the same way when the client half-closes
             # and when the call failed (a message over grpcio's own limit, a
-            # broken connection); the failure cancels this RPC at once, at the
-            # next turn of the loop: let it, before calling this a normal end.
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
+            # cancel, a broken connection); the failure's cancel of this RPC
+            # comes through grpcio's poller thread, so not always at the next
+            # turn of the loop (two turns were not enough on a busy machine):
+            # give it a moment before calling this a normal end.
+            await asyncio.sleep(HALF_CLOSE_SETTLE_SECONDS)
             end = (_HALF_CLOSE, clock())
         except asyncio.CancelledError:
             raise

@@ -437,3 +437,43 @@ async def test_streams_refused_while_draining_are_counted_not_logged_one_by_one(
     finally:
         globalLogPublisher.removeObserver(observe)
     assert lines == []
+
+
+def test_a_cancel_that_core_reports_just_after_the_end_of_input_is_a_cancel():
+    """grpcio may end the input of a cancelled RPC a moment before it cancels it: that stream is cancelled, not half-closed."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from evrecorder import grpcdoor
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        got = []
+
+        class Bridge:
+            def to_reactor(self, stream, events):
+                got.extend(e[0] for e in events)
+                loop.call_soon(stream.aio.outcome, None)  # the reactor handled it
+
+        door = SimpleNamespace(draining=False, secrets=SimpleNamespace(required=False),
+                               clock=loop.time, bridge=Bridge(),
+                               settings=SimpleNamespace(idle_timeout=60.0))
+        context = SimpleNamespace(peer=lambda: "ipv4:127.0.0.1:1")
+        task = None
+
+        async def requests():
+            yield dialog_init("d-1")
+            await asyncio.sleep(0.01)
+            # The connection broke: the input ends, and the cancel follows 5 ms later.
+            loop.call_later(0.005, task.cancel)
+
+        task = loop.create_task(grpcdoor._Servicer(door).Stream(requests(), context))
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return got
+
+    got = asyncio.run(run())
+    assert got[0] == dialog_init("d-1")
+    assert got[1:] == [grpcdoor._CANCEL]
