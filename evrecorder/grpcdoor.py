@@ -635,6 +635,7 @@ class GrpcDoor(service.Service):
         if stream.dialog is None and stream not in self.streams:
             self.streams.add(stream)
             self.metrics.grpc_streams += 1
+        flushing = False
         try:
             for item in events:
                 event = item[0]
@@ -644,13 +645,16 @@ class GrpcDoor(service.Service):
                 self._event(stream, event, item[1])
             dialog = stream.dialog
             if dialog is not None:
+                flushing = True
                 dialog.flush()
         except CallRejected as e:
-            self._rejected(stream, e)
+            # A write that just failed is not tried (and logged) again at once.
+            self._rejected(stream, e, flush=not flushing)
             return
         except Exception:
             log.failure("gRPC stream {stream}: handling its events failed", stream=stream.label)
-            self._rejected(stream, CallRejected("internal", "the recorder failed to handle an event"))
+            self._rejected(stream, CallRejected("internal", "the recorder failed to handle an event"),
+                           flush=not flushing)
             return
         if not stream.done:
             self.bridge.to_aio(stream.aio, None)
@@ -737,20 +741,22 @@ class GrpcDoor(service.Service):
         else:
             self.bridge.to_aio(stream.aio, _OK)
 
-    def _rejected(self, stream: _Stream, e: CallRejected, status=None) -> None:
-        """Bad input or our fault: end only this stream; the dialog keeps what it has."""
+    def _rejected(self, stream: _Stream, e: CallRejected, status=None, flush: bool = True) -> None:
+        """Bad input or our fault: end only this stream; the dialog keeps what it has
+        (what the stream sent before is written, unless that write is what failed)."""
         status = status or STATUS_OF_KIND[e.kind]
         _log_rejection(stream, e, status)
         stream.done = True
         self.metrics.grpc_closed[status.name] += 1
         dialog = stream.dialog
         if dialog is not None:
-            try:
-                dialog.flush()
-            except CallRejected:
-                pass
-            except Exception:
-                log.failure("gRPC stream {stream}: flushing failed", stream=stream.label)
+            if flush:
+                try:
+                    dialog.flush()
+                except CallRejected:
+                    pass
+                except Exception:
+                    log.failure("gRPC stream {stream}: flushing failed", stream=stream.label)
             dialog.stream_closed(stream, cancelled=True, at=self._reactor.seconds(),
                                  error=e.reason)
         self.finished(stream, (status, e.reason))
