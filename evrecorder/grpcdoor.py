@@ -44,7 +44,7 @@ from twisted.logger import Logger
 
 from evrecorder.errors import CallRejected
 from evrecorder.grpcapi import streaming_pb2 as pb
-from evrecorder.secrets import SecretChecker
+from evrecorder.secrets import SecretChecker, credential
 
 log = Logger()
 
@@ -56,6 +56,9 @@ MAX_EVENT_BYTES = 65535 + 1024
 GRPC_MAX_MESSAGE_BYTES = 4 * MAX_EVENT_BYTES
 #: Events one stream reads ahead while its previous batch is being handled.
 BATCH_MAX = 64
+#: How long a stream whose input ended waits for grpcio to cancel it (a
+#: failed or broken call) before that end counts as the client's half-close.
+HALF_CLOSE_SETTLE_SECONDS = 0.05
 #: Keepalive: the server pings an idle connection this often and drops it when
 #: the ping is not answered in time; clients may ping as often as they like
 #: (more often than CLIENT_PING_MIN_SECONDS counts as a strike, and strikes are
@@ -253,19 +256,21 @@ _UNREADABLE = object()  # a message grpcio could not read (its text follows)
 class _AioStream:
     """One RPC as the gRPC thread sees it: reads, batches, waits for the end."""
 
-    __slots__ = ("bridge", "rstream", "pending", "inflight", "final", "space", "loop")
+    __slots__ = ("bridge", "rstream", "pending", "inflight", "submitted", "final", "space",
+                 "loop")
 
     def __init__(self, bridge: _Bridge, rstream, loop):
         self.bridge = bridge
         self.rstream = rstream
         self.pending: list = []
         self.inflight = False
+        self.submitted = False  # the reactor has heard of this stream
         self.loop = loop
         self.final: asyncio.Future = loop.create_future()
         self.space: asyncio.Future | None = None
 
     def submit(self) -> None:
-        self.inflight = True
+        self.inflight = self.submitted = True
         events, self.pending = self.pending, []
         self.bridge.to_reactor(self.rstream, events)
 
@@ -294,10 +299,11 @@ class _AioStream:
                     return
             # grpcio ends the iteration the same way when the client half-closes
             # and when the call failed (a message over grpcio's own limit, a
-            # broken connection); the failure cancels this RPC at once, at the
-            # next turn of the loop: let it, before calling this a normal end.
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
+            # cancel, a broken connection); the failure's cancel of this RPC
+            # comes through grpcio's poller thread, so not always at the next
+            # turn of the loop (two turns were not enough on a busy machine):
+            # give it a moment before calling this a normal end.
+            await asyncio.sleep(HALF_CLOSE_SETTLE_SECONDS)
             end = (_HALF_CLOSE, clock())
         except asyncio.CancelledError:
             raise
@@ -340,6 +346,17 @@ class _Servicer:
         st = _AioStream(door.bridge, rstream, loop)
         rstream.aio = st
         reader = loop.create_task(st.read(request_iterator, door.clock))
+        seconds = door.settings.idle_timeout
+
+        def silent():
+            # No event at all: the reactor has never heard of this stream, so
+            # no dialog's idle timeout covers it; it would hold its slot forever.
+            if not st.submitted and not st.final.done():
+                door.refused(peer, "idle")
+                st.final.set_result((grpc.StatusCode.DEADLINE_EXCEEDED,
+                                     f"no event within {seconds:g} s of the stream's start"))
+
+        idle = loop.call_later(seconds, silent)
         try:
             code, details = await st.final
         except asyncio.CancelledError:
@@ -351,6 +368,7 @@ class _Servicer:
                 st.submit()  # past the flow control: the last batch, and what it read
             raise
         finally:
+            idle.cancel()
             if not reader.done():
                 reader.cancel()
         if code is grpc.StatusCode.OK:
@@ -388,8 +406,7 @@ def _to_dict(message) -> dict:
 class _Stream:
     """One RPC as the reactor sees it; also the ``conn`` the core knows."""
 
-    __slots__ = ("door", "peer", "connected_at", "aio", "dialog", "key", "session_id",
-                 "done", "label")
+    __slots__ = ("door", "peer", "connected_at", "aio", "dialog", "key", "done", "label")
 
     def __init__(self, door: "GrpcDoor", peer: str, connected_at: float):
         self.door = door
@@ -398,7 +415,6 @@ class _Stream:
         self.aio: _AioStream | None = None
         self.dialog = None
         self.key: tuple[str, str] | None = None
-        self.session_id = ""
         self.done = False
         self.label = peer
 
@@ -588,13 +604,12 @@ class GrpcDoor(service.Service):
         for value in presented:
             if isinstance(value, bytes):
                 value = value.decode("utf-8", "replace")
-            scheme, _, rest = value.partition(" ")
-            token = rest.strip() if scheme.lower() == "bearer" and rest else value.strip()
-            ok &= self.secrets.matches(token)
+            ok &= self.secrets.matches(credential(value))
         return ok
 
     def refused(self, peer: str, reason: str) -> None:
-        """A stream refused before any event was read (called on the gRPC thread)."""
+        """A stream refused before any event was read: "secret", "draining", or
+        "idle" (none came within --idle-timeout).  Called on the gRPC thread."""
         self._reactor.callFromThread(self._refused, peer, reason)
 
     def _refused(self, peer: str, reason: str) -> None:
@@ -602,8 +617,11 @@ class GrpcDoor(service.Service):
         if reason == "secret":
             log.warn("gRPC stream from {peer} refused (UNAUTHENTICATED): missing or wrong credential",
                      peer=peer)
-        else:
-            log.info("gRPC stream from {peer} refused (UNAVAILABLE): draining", peer=peer)
+        elif reason == "idle":
+            log.warn("gRPC stream from {peer} ended (DEADLINE_EXCEEDED): no event within {seconds} s",
+                     peer=peer, seconds=self.settings.idle_timeout)
+        # "draining": counted only, as the WebSocket door's refused handshakes;
+        # the drain itself is one line (service), not one a stream.
 
     # -- on the reactor ----------------------------------------------------------
 
@@ -617,6 +635,7 @@ class GrpcDoor(service.Service):
         if stream.dialog is None and stream not in self.streams:
             self.streams.add(stream)
             self.metrics.grpc_streams += 1
+        flushing = False
         try:
             for item in events:
                 event = item[0]
@@ -626,13 +645,16 @@ class GrpcDoor(service.Service):
                 self._event(stream, event, item[1])
             dialog = stream.dialog
             if dialog is not None:
+                flushing = True
                 dialog.flush()
         except CallRejected as e:
-            self._rejected(stream, e)
+            # A write that just failed is not tried (and logged) again at once.
+            self._rejected(stream, e, flush=not flushing)
             return
         except Exception:
             log.failure("gRPC stream {stream}: handling its events failed", stream=stream.label)
-            self._rejected(stream, CallRejected("internal", "the recorder failed to handle an event"))
+            self._rejected(stream, CallRejected("internal", "the recorder failed to handle an event"),
+                           flush=not flushing)
             return
         if not stream.done:
             self.bridge.to_aio(stream.aio, None)
@@ -671,15 +693,18 @@ class GrpcDoor(service.Service):
                                 info.data if info.HasField("data") else None, at)
         elif kind == "segment_stop":
             dialog.segment_stop(stream, event.segment_stop.segment_id, at)
-        # else: no event we know (a newer vendor version): ignored, as the
-        # proto3 rule for unknown fields says.
+        else:
+            # No event we know (a newer vendor version): ignored, as the proto3
+            # rule for unknown fields says; still activity for --idle-timeout.
+            dialog.touch()
 
     def _dialog_init(self, stream: _Stream, event) -> None:
         init = event.dialog_init
         key = (init.account.id, init.dialog.id)
         if stream.dialog is not None:
             if key == stream.key:
-                return  # the same DialogInit again: nothing new
+                stream.dialog.touch()  # the same DialogInit again: only activity
+                return
             raise CallRejected(
                 "precondition",
                 f"a second DialogInit names another dialog ({init.dialog.id!r}, recording "
@@ -687,7 +712,6 @@ class GrpcDoor(service.Service):
             )
         if not init.dialog.id:
             raise CallRejected("invalid", "DialogInit has no dialog id")
-        stream.session_id = event.session_id
         stream.label = f"{init.dialog.id}/{event.session_id} from {stream.peer}"
         metadata = {"account": _to_dict(init.account), "dialog": _to_dict(init.dialog)}
         stream.dialog = self.registry.join_dialog(
@@ -717,20 +741,22 @@ class GrpcDoor(service.Service):
         else:
             self.bridge.to_aio(stream.aio, _OK)
 
-    def _rejected(self, stream: _Stream, e: CallRejected, status=None) -> None:
-        """Bad input or our fault: end only this stream; the dialog keeps what it has."""
+    def _rejected(self, stream: _Stream, e: CallRejected, status=None, flush: bool = True) -> None:
+        """Bad input or our fault: end only this stream; the dialog keeps what it has
+        (what the stream sent before is written, unless that write is what failed)."""
         status = status or STATUS_OF_KIND[e.kind]
         _log_rejection(stream, e, status)
         stream.done = True
         self.metrics.grpc_closed[status.name] += 1
         dialog = stream.dialog
         if dialog is not None:
-            try:
-                dialog.flush()
-            except CallRejected:
-                pass
-            except Exception:
-                log.failure("gRPC stream {stream}: flushing failed", stream=stream.label)
+            if flush:
+                try:
+                    dialog.flush()
+                except CallRejected:
+                    pass
+                except Exception:
+                    log.failure("gRPC stream {stream}: flushing failed", stream=stream.label)
             dialog.stream_closed(stream, cancelled=True, at=self._reactor.seconds(),
                                  error=e.reason)
         self.finished(stream, (status, e.reason))

@@ -40,8 +40,6 @@ from evrecorder.sidecar import channel_counts
 disable_created_metrics()
 
 PLACEMENT_COUNTERS = ("missing", "duplicates", "reordered", "late")
-GRPC_CHANNELS = frozenset(("agent", "caller"))
-DOORS = ("websocket", "grpc")
 
 
 class Metrics:
@@ -58,7 +56,7 @@ class Metrics:
         self.placement: Tally = Tally()  # (counter, perspective) -> n, from finalized calls
         self.rejected: Tally = Tally()  # handshake refusals by reason
         self.closed: Tally = Tally()  # sockets closed for bad input, by close code
-        # The gRPC door's: streams refused before any event (secret, draining),
+        # The gRPC door's: streams refused before any event (secret, draining, idle),
         # streams ended for bad input or our fault (by status name), streams opened.
         self.grpc_rejected: Tally = Tally()
         self.grpc_closed: Tally = Tally()
@@ -103,13 +101,10 @@ class Metrics:
         self.registry.register(_Collector(self))
         ProcessCollector(registry=self.registry)
 
-    def track(self, frames: dict, nbytes: dict, door: str | None = None) -> None:
-        """Count a call in progress: its frames (or chunks) and media bytes by
-        perspective (or channel), two dicts its owner keeps adding to.  The
-        door is told by the labels when not given: a WebSocket call counts by
-        perspective, a gRPC dialog by channel."""
-        if door is None:
-            door = "grpc" if set(frames) <= GRPC_CHANNELS else "websocket"
+    def track(self, frames: dict, nbytes: dict, door: str) -> None:
+        """Count a call in progress of ``door`` ("websocket" or "grpc"): its
+        frames (or chunks) and media bytes by perspective (or channel), two
+        dicts its owner keeps adding to."""
         with self._lock:
             self._live[id(frames)] = (frames, nbytes, door)
 

@@ -54,7 +54,7 @@ from evrecorder.fastmask import unmask as _unmask
 from evrecorder.call import Call, CallRegistry
 from evrecorder.errors import CallRejected
 from evrecorder.logs import RateLimit, escape_control_characters, spool_problem
-from evrecorder.secrets import SecretChecker
+from evrecorder.secrets import SecretChecker, credential
 from evrecorder.settings import PERSPECTIVES, Settings
 
 _log = Logger()
@@ -258,8 +258,7 @@ class RecorderProtocol(WebSocketServerProtocol):
         presented = []
         auth = request.headers.get("authorization")
         if auth:
-            scheme, _, rest = auth.partition(" ")
-            presented.append(rest.strip() if scheme.lower() == "bearer" and rest else auth.strip())
+            presented.append(credential(auth))
         custom = request.headers.get(factory.settings.secret_header.lower())
         if custom:
             presented.append(custom.strip())

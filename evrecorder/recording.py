@@ -101,7 +101,7 @@ class Recording:
     def _track(self, units: dict, nbytes: dict) -> None:
         """Count media in these two dicts (every key present from the start)."""
         self.counts = (units, nbytes)
-        self._metrics.track(units, nbytes)
+        self._metrics.track(units, nbytes, self.door)
 
     @property
     def ended(self) -> bool:

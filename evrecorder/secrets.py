@@ -21,3 +21,9 @@ class SecretChecker:
         for secret in self._secrets:  # no early exit: the time says nothing
             ok |= hmac.compare_digest(value, secret)
         return ok
+
+
+def credential(authorization: str) -> str:
+    """The secret in an ``authorization`` value: ``Bearer <secret>`` or the bare value."""
+    scheme, _, rest = authorization.partition(" ")
+    return rest.strip() if scheme.lower() == "bearer" and rest else authorization.strip()

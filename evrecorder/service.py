@@ -197,7 +197,9 @@ class RecorderService(service.MultiService):
             self.add_metrics_listener(spec)
 
     def _active_calls(self) -> dict:
-        grpc = sum(1 for key in list(self.registry.calls) if key[0] == DIALOG_KEY)
+        # A dialog's key is ("grpc", accountId, dialogId); a WebSocket call's is
+        # (callId, sessionId), and a client may well name its call "grpc".
+        grpc = sum(1 for key in list(self.registry.calls) if len(key) == 3 and key[0] == DIALOG_KEY)
         return {"websocket": len(self.registry.calls) - grpc, "grpc": grpc}
 
     def add_grpc_listener(self, spec: str) -> GrpcDoor:

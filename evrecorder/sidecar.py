@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from evrecorder.settings import ROLE_OF
+
 SCHEMA = "evrecorder/1"
 COUNTERS = ("frames", "missing", "duplicates", "reordered", "late")
-_ROLE_OF = {"Participant": "agent", "Conference": "caller"}
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -27,7 +28,7 @@ def channel_counts(sidecar: dict) -> dict[str, dict[str, int]]:
     out = {role: dict.fromkeys(COUNTERS, 0) for role in ("agent", "caller")}
     if "perspectives" in sidecar:
         for perspective, side in sidecar["perspectives"].items():
-            counts = out[_ROLE_OF.get(perspective, "caller")]
+            counts = out[ROLE_OF.get(perspective, "caller")]
             for name in COUNTERS:
                 counts[name] += side.get(name, 0)
     for segment in sidecar.get("segments", ()):

@@ -46,6 +46,9 @@ class FakeDialog:
     def segment_stop(self, conn, segment_id, at):
         self.calls.append(("stop", segment_id))
 
+    def touch(self):
+        self.calls.append(("touch",))
+
     def flush(self):
         self.calls.append(("flush",))
         if self.registry.fail_flush:
@@ -394,3 +397,83 @@ def test_grpc_listen_option(tmp_path):
     assert str(e.value).startswith("--grpc-listen unix:/tmp/x: a gRPC endpoint is tcp:PORT")
     assert Options()["grpc-listen"] == []
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_that_sends_nothing_ends_after_the_idle_timeout(door):
+    """A stream that never sends an event ends with DEADLINE_EXCEEDED after --idle-timeout; one with a DialogInit is left to its dialog."""
+    d = door(idle_timeout=1.0)
+    joined = OpenStream(d.ports[0])
+    joined.send(dialog_init("d-1"))
+    await until(lambda: d.registry.joins)  # read in time, whatever the machine's load
+    silent = OpenStream(d.ports[0])
+    code, details = await deferToThread(silent.result, 10.0)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "no event" in details
+    await until(lambda: d.metrics.grpc_rejected["idle"] == 1)
+    assert d.registry.joins and not joined.done  # the dialog's own idle timeout decides for it
+    joined.close()
+    assert await deferToThread(joined.result) == (grpc.StatusCode.OK, "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_streams_refused_while_draining_are_counted_not_logged_one_by_one(door):
+    """While draining, each refused stream counts in the metrics but writes no line (as refused handshakes)."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    d = door()
+    lines = []
+
+    def observe(event):
+        if event.get("log_namespace") == "evrecorder.grpcdoor":
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        d.drain()
+        for _ in range(3):
+            code, _ = await deferToThread(send, d.ports[0], [dialog_init("d-1")])
+            assert code == grpc.StatusCode.UNAVAILABLE
+        await until(lambda: d.metrics.grpc_rejected["draining"] == 3)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert lines == []
+
+
+def test_a_cancel_that_core_reports_just_after_the_end_of_input_is_a_cancel():
+    """grpcio may end the input of a cancelled RPC a moment before it cancels it: that stream is cancelled, not half-closed."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from evrecorder import grpcdoor
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        got = []
+
+        class Bridge:
+            def to_reactor(self, stream, events):
+                got.extend(e[0] for e in events)
+                loop.call_soon(stream.aio.outcome, None)  # the reactor handled it
+
+        door = SimpleNamespace(draining=False, secrets=SimpleNamespace(required=False),
+                               clock=loop.time, bridge=Bridge(),
+                               settings=SimpleNamespace(idle_timeout=60.0))
+        context = SimpleNamespace(peer=lambda: "ipv4:127.0.0.1:1")
+        task = None
+
+        async def requests():
+            yield dialog_init("d-1")
+            await asyncio.sleep(0.01)
+            # The connection broke: the input ends, and the cancel follows 5 ms later.
+            loop.call_later(0.005, task.cancel)
+
+        task = loop.create_task(grpcdoor._Servicer(door).Stream(requests(), context))
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return got
+
+    got = asyncio.run(run())
+    assert got[0] == dialog_init("d-1")
+    assert got[1:] == [grpcdoor._CANCEL]

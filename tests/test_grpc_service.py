@@ -14,6 +14,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 
 from conftest import independent_decode, read_pcm16_wav
+from test_faults_socket import small_disk  # noqa: F401 (a fixture: a tmpfs to fill)
 from grpcclient import OpenStream, dialog_init, media, segment_start, segment_stop, send
 from evrecorder.grpcapi import streaming_pb2 as pb
 
@@ -321,3 +322,71 @@ async def test_so_reuseport_only_with_reuse_port(recorder_factory, tmp_path):
     one = await recorder_factory(grpc_listen=spec, subdir="c", reuse_port=True)
     two = await recorder_factory(grpc_listen=spec, subdir="d", reuse_port=True)
     assert one.grpc_port == two.grpc_port == port
+
+
+def test_active_calls_by_door_go_by_the_kind_of_recording(tmp_path):
+    """A WebSocket call whose callId is "grpc" is still counted under door="websocket"."""
+    from evrecorder.service import RecorderService
+    from evrecorder.settings import Settings
+    from evrecorder.stores import LocalStore
+
+    settings = Settings(archive=str(tmp_path / "a"), spool=str(tmp_path / "s"))
+    service = RecorderService(settings, LocalStore(settings.archive), reactor())
+    service.registry.calls[("grpc", "session-1")] = object()  # a WebSocket call's (callId, sessionId)
+    service.registry.calls[("grpc", "acc-1", "d-1")] = object()  # a dialog's key
+    assert service.metrics.gauges["evrecorder_active_calls"]() == {"websocket": 1, "grpc": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_event_counts_as_activity_for_the_idle_timeout(recorder_factory):
+    """A repeated DialogInit and an event of a kind this version does not know keep a dialog from "timeout"."""
+    rec = await recorder_factory(grpc_listen=True, reconnect_grace=GRACE, idle_timeout=0.6)
+    s = OpenStream(rec.grpc_port)
+    s.send(dialog_init("alive"))
+    newer = pb.StreamEvent.FromString(b"\x7a\x01\x00")  # field 15: an event kind added later
+    for n in range(8):
+        await task.deferLater(reactor(), 0.2, lambda: None)
+        s.send(dialog_init("alive") if n % 2 else newer)
+    s.close()
+    assert await deferToThread(s.result) == (grpc.StatusCode.OK, "")
+    [sidecar] = await rec.archived()
+    assert sidecar["endReason"] == "stop"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_running_dialog_on_a_full_spool_ends_its_stream_internal_and_keeps_what_was_written(
+        small_disk, recorder_factory):
+    """The spool fills mid-dialog: INTERNAL with a sentence, the failed write logged once (not tried again at once), no traceback; what reached the disk is archived exact."""
+    from test_faults_socket import LogLines
+
+    disk = small_disk
+    rec = await recorder_factory(spool=os.path.join(disk.path, "spool"), reconnect_grace=0.5,
+                                 grpc_listen=True)
+    contact = chunks(400, 31)
+    s = OpenStream(rec.grpc_port)
+    s.send(dialog_init("filling"), segment_start("c", pb.CONTACT))
+    s.send(*(media("c", i + 1, contact[i]) for i in range(100)))
+    await until(lambda: any(os.path.getsize(p) >= 100 * 800 for p in _chunk_files(disk.path)),
+                what="100 chunks on disk")
+    disk.fill()
+    with LogLines() as logs:
+        s.send(*(media("c", i + 1, contact[i]) for i in range(100, 400)))
+        code, details = await deferToThread(s.result)
+        await task.deferLater(reactor(), 1.0, lambda: None)  # the grace passes, disk still full
+    assert (code, details) == (grpc.StatusCode.INTERNAL, "the recorder's spool is full")
+    assert len(logs.texts("cannot write the audio of dialog filling")) == 1
+    ours = ("evrecorder.grpcdoor", "evrecorder.dialog", "evrecorder.recording")
+    assert [e for e in logs.failures() if e["log_namespace"] in ours] == []
+    disk.empty()
+    [sidecar] = await rec.archived()
+    [segment] = sidecar["segments"]
+    kept = segment["chunks"]
+    assert 100 <= kept < 400
+    assert read_pcm16_wav(sidecar["_wav"])[1] == independent_decode(b"".join(contact[:kept]))
+
+
+def _chunk_files(root: str) -> list[str]:
+    out = []
+    for here, _, names in os.walk(root):
+        out += [os.path.join(here, n) for n in names if n == "call.chunks"]
+    return out
