@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from evrecorder.dialog import DIALOG_KEY, Dialog
 from evrecorder.errors import CallRejected
+from evrecorder.logs import RateLimit
 from evrecorder.metrics import Metrics
 from evrecorder.recording import Clock, Connection, Recording, spool_error, spool_rejection
 from evrecorder.settings import PERSPECTIVES, Settings
@@ -230,6 +231,8 @@ class CallRegistry:
         self.spool = spool
         self.settings = settings
         self.clock = clock
+        #: Spool failures of gRPC dialogs: one log line a minute per kind.
+        self.spool_log = RateLimit(clock)
         self._on_ended = on_ended
         self.calls: dict[tuple[str, str], Call] = {}
         #: Claims on calls when processes share the spool (CallOwners), and
@@ -366,7 +369,7 @@ class CallRegistry:
         try:
             entry = self._new_entry(dialog_id, session_id, header, connected_at)
         except OSError as e:
-            raise spool_rejection(e, "make a spool entry for a dialog") from None
+            raise spool_rejection(e, "make a spool entry for a dialog", self.spool_log) from None
         except (TypeError, ValueError):
             # The door builds the metadata from protobuf: it always serializes.
             raise CallRejected("invalid", "the dialog's metadata cannot be kept as JSON") from None

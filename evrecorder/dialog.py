@@ -292,7 +292,8 @@ class Dialog(Recording):
         try:
             self.spool.append_event(event)
         except OSError as e:
-            raise spool_rejection(e, f"{doing} of dialog {self.call_id}") from None
+            raise spool_rejection(e, f"{doing} of dialog {self.call_id}",
+                                  self._registry.spool_log) from None
 
     def segment_start(
         self, conn: Connection, segment_id: str, participant: dict, product: dict | None,
@@ -411,4 +412,5 @@ class Dialog(Recording):
         try:
             self.spool.flush()
         except OSError as e:
-            raise spool_rejection(e, f"write the audio of dialog {self.call_id}") from None
+            raise spool_rejection(e, f"write the audio of dialog {self.call_id}",
+                                  self._registry.spool_log) from None

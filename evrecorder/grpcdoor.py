@@ -43,6 +43,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from evrecorder.errors import CallRejected
+from evrecorder.logs import RateLimit
 from evrecorder.grpcapi import streaming_pb2 as pb
 from evrecorder.secrets import SecretChecker, credential
 
@@ -447,6 +448,7 @@ class GrpcDoor(service.Service):
         #: (``reactor.seconds()`` is ``time.time()``), called on the gRPC thread.
         self.clock = clock
         self.secrets = SecretChecker(settings.secrets)
+        self._internal_log = RateLimit(reactor)
         self.draining = False
         self.bridge = _Bridge(reactor, self._handle_batch, _AioStream.outcome)
         self.streams: set[_Stream] = set()
@@ -733,7 +735,7 @@ class GrpcDoor(service.Service):
             try:
                 dialog.flush()
             except CallRejected as e:
-                _log_rejection(stream, e)
+                _log_rejection(stream, e, limit=self._internal_log)
                 cancelled = True
             dialog.stream_closed(stream, cancelled=cancelled, at=at)
         if cancelled:
@@ -745,7 +747,7 @@ class GrpcDoor(service.Service):
         """Bad input or our fault: end only this stream; the dialog keeps what it has
         (what the stream sent before is written, unless that write is what failed)."""
         status = status or STATUS_OF_KIND[e.kind]
-        _log_rejection(stream, e, status)
+        _log_rejection(stream, e, status, self._internal_log)
         stream.done = True
         self.metrics.grpc_closed[status.name] += 1
         dialog = stream.dialog
@@ -767,11 +769,18 @@ class GrpcDoor(service.Service):
             stream.end_call(1001, "call ended: shutdown")
 
 
-def _log_rejection(stream: _Stream, e: CallRejected, status=None) -> None:
+def _log_rejection(stream: _Stream, e: CallRejected, status=None,
+                   limit: RateLimit | None = None) -> None:
     status = (status or STATUS_OF_KIND[e.kind]).name
     if e.kind == "internal":
-        log.error("gRPC stream {stream} ended with {status}: {reason}",
-                  stream=stream.label, status=status, reason=e.reason)
+        # Our fault, and when it is the spool it is every stream's: one line a
+        # while per reason (the core logged the cause).
+        more = limit.allow((status, e.reason)) if limit is not None else 0
+        if more is not None:
+            log.error("gRPC stream {stream} ended with {status}: {reason}{more}",
+                      stream=stream.label, status=status, reason=e.reason,
+                      more=f"; {more} more streams ended likewise since the last such line"
+                      if more else "")
     else:
         log.warn("gRPC stream {stream} ended with {status}: {reason}",
                  stream=stream.label, status=status, reason=e.reason)

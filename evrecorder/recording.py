@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 from twisted.logger import Logger
 
 from evrecorder.errors import CallRejected
-from evrecorder.logs import spool_problem
+from evrecorder.logs import RateLimit, spool_problem
 from evrecorder.spool import CallSpool
 
 if TYPE_CHECKING:
@@ -51,9 +51,19 @@ def spool_error(error: OSError) -> dict:
     return {"problem": spool_problem(error), "strerror": error.strerror or str(error)}
 
 
-def spool_rejection(e: OSError, doing: str) -> CallRejected:
-    """A spool failure, logged (our fault), as the refusal a door reports."""
-    log.error("cannot {doing}: {problem} ({strerror})", doing=doing, **spool_error(e))
+def spool_rejection(e: OSError, doing: str, limit: RateLimit | None = None) -> CallRejected:
+    """A spool failure, logged (our fault), as the refusal a door reports.
+
+    With ``limit``, one line a while per kind of failure (a full disk fails
+    every stream of every dialog), saying how many it stood for.
+    """
+    more = limit.allow(("spool", e.errno)) if limit is not None else 0
+    if more is not None:
+        log.error(
+            "cannot {doing}: {problem} ({strerror}){more}", doing=doing,
+            more=f"; {more} more such failures since the last such line" if more else "",
+            **spool_error(e),
+        )
     return CallRejected("internal", spool_problem(e))
 
 

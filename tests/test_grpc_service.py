@@ -385,6 +385,29 @@ async def test_a_running_dialog_on_a_full_spool_ends_its_stream_internal_and_kee
     assert read_pcm16_wav(sidecar["_wav"])[1] == independent_decode(b"".join(contact[:kept]))
 
 
+@pytest_twisted.ensureDeferred
+async def test_many_dialogs_on_a_full_spool_log_one_line_per_kind_not_one_each(
+        small_disk, recorder_factory):
+    """With the spool full, ten new dialogs each get INTERNAL with the sentence, but the
+    log says it once for the spool and once for the streams, not twenty times."""
+    from test_faults_socket import LogLines
+
+    rec = await recorder_factory(spool=os.path.join(small_disk.path, "spool"),
+                                 grpc_listen=True)
+    small_disk.fill()
+    with LogLines() as logs:
+        results = []
+        for n in range(10):
+            s = OpenStream(rec.grpc_port)
+            s.send(dialog_init(f"full-{n}"), segment_start("c", pb.CONTACT))
+            results.append(await deferToThread(s.result))
+    small_disk.empty()
+    assert {code for code, _ in results} == {grpc.StatusCode.INTERNAL}
+    assert {details for _, details in results} == {"the recorder's spool is full"}
+    assert len(logs.texts("cannot make a spool entry for a dialog")) == 1
+    assert len(logs.texts("ended with INTERNAL")) == 1
+
+
 def _chunk_files(root: str) -> list[str]:
     out = []
     for here, _, names in os.walk(root):
