@@ -134,14 +134,6 @@ class S3Store:
             raise ValueError("a KMS key id needs SSE mode aws:kms")
         if multipart_threshold <= 0 or multipart_chunksize <= 0 or max_concurrency <= 0:
             raise ValueError("the multipart sizes and the concurrency must be positive")
-        if len(prefix.lstrip("/").encode("utf-8")) > MAX_PREFIX_BYTES:
-            # Keys are bounded so that key + suffix + extension + this fits
-            # S3's 1,024 bytes (evrecorder.keys); a longer prefix would make
-            # every publish, even the fallback key's, fail for good.
-            raise ValueError(
-                f"the S3 prefix is {len(prefix.encode('utf-8'))} bytes long; at most "
-                f"{MAX_PREFIX_BYTES} leave room for the recordings' keys"
-            )
         self.bucket = bucket
         self.prefix = prefix.lstrip("/")
         self.endpoint_url = endpoint_url

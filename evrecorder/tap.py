@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from evrecorder import __version__, keys, wav
 from evrecorder.settings import ROLE_OF, Settings
+from evrecorder.s3store import MAX_PREFIX_BYTES
 from evrecorder.stores import store_from_url
 
 DEFAULT_LISTEN = "tcp:3333"
@@ -180,9 +181,18 @@ class Options(usage.Options):
             raise usage.UsageError("--sse-kms-key-id needs --sse aws:kms.")
         self._check_object_lock_options()
         try:
-            store_from_url(self["archive"], **self.s3_options())
+            store = store_from_url(self["archive"], **self.s3_options())
         except ValueError as e:
             raise usage.UsageError(f"--archive: {e}.") from None
+        prefix = getattr(store, "prefix", "").encode("utf-8")
+        if len(prefix) > MAX_PREFIX_BYTES:
+            # Keys are bounded so that key + suffix + extension + this fits S3's
+            # 1,024 bytes (evrecorder.keys); a longer prefix would make every
+            # publish, even under the fallback key, fail for good.
+            raise usage.UsageError(
+                f"--archive: the S3 prefix is {len(prefix)} bytes long; at most "
+                f"{MAX_PREFIX_BYTES} leave room for the recordings' keys."
+            )
 
     def s3_options(self) -> dict:
         if not self["archive"].startswith("s3:"):
