@@ -20,7 +20,7 @@ from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.logger import Logger
 from twisted.web.server import Site
 
-from evrecorder import relay
+from evrecorder import relay, tlsconfig
 from evrecorder.archiver import Archiver
 from evrecorder.call import CallRegistry
 from evrecorder.metrics import Metrics, site_root
@@ -128,11 +128,13 @@ class RecorderService(service.MultiService):
 
     def __init__(
         self, settings: Settings, store: Store, reactor, listen: list[str] = (),
-        metrics_listen: list[str] = (),
+        metrics_listen: list[str] = (), reload_on_sighup: bool = False,
     ):
         super().__init__()
         self.settings = settings
         self._reactor = reactor
+        self._reload_on_sighup = reload_on_sighup  # twistd only; tests call reload_tls()
+        self.tls: list[tlsconfig.ServerTLS] = []  # every TLS listener's certificate
         self.metrics = Metrics()
         self.spool = Spool(settings.spool)
         self.archiver = Archiver(self.spool, store, settings, reactor, metrics=self.metrics)
@@ -159,7 +161,14 @@ class RecorderService(service.MultiService):
             self.add_metrics_listener(spec)
 
     def add_listener(self, spec: str, factory=None, reactor=None) -> StreamServerEndpointService:
-        endpoint = serverFromString(reactor or self._listen_reactor, spec)
+        if tlsconfig.is_ssl(spec):  # a certificate that SIGHUP reloads
+            endpoint, tls = tlsconfig.ssl_endpoint(
+                reactor or self._listen_reactor, spec, self.settings.tls_ciphers or tlsconfig.CIPHERS,
+                clock=self._reactor,
+            )
+            self.tls.append(tls)
+        else:
+            endpoint = serverFromString(reactor or self._listen_reactor, spec)
         svc = _Listener(spec, endpoint, factory or self.factory)
         svc.setServiceParent(self)
         self.listeners.append(svc)
@@ -172,6 +181,10 @@ class RecorderService(service.MultiService):
         return self.add_listener(
             spec, Site(site_root(self.metrics, self.not_ready)), reactor=self._reactor
         )
+
+    def reload_tls(self) -> bool:
+        """Re-read every TLS listener's key and certificate (SIGHUP); True if all were served."""
+        return tlsconfig.reload_all(self.tls)
 
     def _relay_conns(self) -> list:
         """The relay connections siblings have open to this process (tests, debugging)."""
@@ -204,6 +217,8 @@ class RecorderService(service.MultiService):
                 "profile's secret with --secret-file or EVRECORDER_SECRET."
             )
         super().startService()
+        if self._reload_on_sighup:
+            tlsconfig.reload_on_sighup(self._reactor, self.reload_tls)
         log.info(
             "evrecorder recording to {archive} (spool {spool})",
             archive=self.archiver.store.describe(), spool=self.spool.root,

@@ -6,7 +6,7 @@ import os
 
 from twisted.python import usage
 
-from evrecorder import keys, wav
+from evrecorder import keys, tlsconfig, wav
 from evrecorder.settings import ROLE_OF, Settings
 from evrecorder.stores import store_from_url
 
@@ -74,6 +74,9 @@ class Options(usage.Options):
         ["sse", None, None, "Server-side encryption: AES256 or aws:kms."],
         ["sse-kms-key-id", None, None, "KMS key for --sse aws:kms."],
         ["storage-class", None, None, "S3 storage class, e.g. STANDARD_IA."],
+        ["tls-ciphers", None, None,
+         "TLS 1.2 cipher suites of every ssl: listener, an OpenSSL cipher string "
+         "(default: AEAD with ECDHE only, Mozilla intermediate; README.rst, TLS)."],
     ]
 
     optFlags = [
@@ -129,9 +132,16 @@ class Options(usage.Options):
     def postOptions(self):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["tls-ciphers"] is not None:
+            try:
+                tlsconfig.check_ciphers(self["tls-ciphers"])
+            except tlsconfig.TLSError as e:
+                raise usage.UsageError(f"--tls-ciphers: {e}.") from None
+        # Before the gRPC door loads grpcio, which reads it only then.
+        tlsconfig.set_grpc_ciphers(self["tls-ciphers"] or tlsconfig.CIPHERS)
         for name in ("listen", "metrics"):
             for spec in self[name]:
-                _check_endpoint(name, spec)
+                _check_endpoint(name, spec, self["tls-ciphers"])
         env_secret = os.environ.get("EVRECORDER_SECRET")
         if env_secret:
             self["secrets"].append(env_secret)
@@ -195,15 +205,22 @@ class Options(usage.Options):
             ready_max_queue_age=self["ready-max-queue-age"],
             log_phone_numbers=bool(self["log-phone-numbers"]),
             reuse_port=bool(self["reuse-port"]),
+            tls_ciphers=self["tls-ciphers"],
             s3=self.s3_options(),
         )
 
 
-def _check_endpoint(option: str, spec: str) -> None:
+def _check_endpoint(option: str, spec: str, tls_ciphers: str | None = None) -> None:
     """Parse (without binding) an endpoint string; a UsageError says what is wrong."""
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
+    if tlsconfig.is_ssl(spec):  # loaded and checked as the service will
+        try:
+            tlsconfig.server_tls(spec, tls_ciphers or tlsconfig.CIPHERS, clock=reactor)
+        except tlsconfig.TLSError as e:
+            raise usage.UsageError(f"--{option} {spec}: {e}.") from None
+        return
     try:
         serverFromString(reactor, spec)
     except KeyError as e:
@@ -223,5 +240,6 @@ def makeService(config: Options):
     settings = config.settings()
     store = store_from_url(settings.archive, **settings.s3)
     return RecorderService(
-        settings, store, reactor, listen=config["listen"], metrics_listen=config["metrics"]
+        settings, store, reactor, listen=config["listen"], metrics_listen=config["metrics"],
+        reload_on_sighup=True,
     )
