@@ -163,10 +163,12 @@ class RecorderService(service.MultiService):
     def add_listener(self, spec: str, factory=None, reactor=None) -> StreamServerEndpointService:
         if tlsconfig.is_ssl(spec):  # a certificate that SIGHUP reloads
             endpoint, tls = tlsconfig.ssl_endpoint(
-                reactor or self._listen_reactor, spec, self.settings.tls_ciphers or tlsconfig.CIPHERS,
-                clock=self._reactor,
+                reactor or self._listen_reactor, spec,
+                self.settings.tls_ciphers or tlsconfig.CIPHERS, clock=self._reactor,
             )
             self.tls.append(tls)
+            log.info("{listener} serves {certificate}.", listener=tls.name,
+                     certificate=tls.credentials.describe())
         else:
             endpoint = serverFromString(reactor or self._listen_reactor, spec)
         svc = _Listener(spec, endpoint, factory or self.factory)

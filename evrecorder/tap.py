@@ -141,7 +141,7 @@ class Options(usage.Options):
         tlsconfig.set_grpc_ciphers(self["tls-ciphers"] or tlsconfig.CIPHERS)
         for name in ("listen", "metrics"):
             for spec in self[name]:
-                _check_endpoint(name, spec, self["tls-ciphers"])
+                _check_endpoint(name, spec)
         env_secret = os.environ.get("EVRECORDER_SECRET")
         if env_secret:
             self["secrets"].append(env_secret)
@@ -210,14 +210,14 @@ class Options(usage.Options):
         )
 
 
-def _check_endpoint(option: str, spec: str, tls_ciphers: str | None = None) -> None:
+def _check_endpoint(option: str, spec: str) -> None:
     """Parse (without binding) an endpoint string; a UsageError says what is wrong."""
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
-    if tlsconfig.is_ssl(spec):  # loaded and checked as the service will
+    if tlsconfig.is_ssl(spec):  # key and certificates loaded and checked as the service will
         try:
-            tlsconfig.server_tls(spec, tls_ciphers or tlsconfig.CIPHERS, clock=reactor)
+            tlsconfig.server_tls(spec, clock=reactor)
         except tlsconfig.TLSError as e:
             raise usage.UsageError(f"--{option} {spec}: {e}.") from None
         return

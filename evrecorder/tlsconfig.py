@@ -366,7 +366,8 @@ def parse_ssl(spec: str) -> SSLSpec:
 def server_tls(spec: str, ciphers: str = CIPHERS, clock=None) -> tuple[SSLSpec, ServerTLS]:
     """Parse an ``ssl:`` endpoint string and load its key and certificate."""
     parsed = parse_ssl(spec)
-    tls = ServerTLS(spec, parsed.private_key, parsed.cert, parsed.chain, ciphers,
+    name = f"ssl:{parsed.port}" + (f" on {parsed.interface}" if parsed.interface else "")
+    tls = ServerTLS(name, parsed.private_key, parsed.cert, parsed.chain, ciphers,
                     parsed.dh_parameters, clock=clock)
     return parsed, tls
 
@@ -404,7 +405,8 @@ def grpc_server_credentials(tls: ServerTLS):
     import grpc
 
     lock = threading.Lock()
-    seen = [tls.generation]
+    initial = tls._served
+    seen = [initial.generation]
 
     def configuration(creds: Credentials):
         return grpc.ssl_server_certificate_configuration([(creds.key_pem, creds.chain_pem)])
@@ -418,5 +420,5 @@ def grpc_server_credentials(tls: ServerTLS):
         return configuration(served.creds)
 
     return grpc.dynamic_ssl_server_credentials(
-        configuration(tls.credentials), fetch, require_client_authentication=False
+        configuration(initial.creds), fetch, require_client_authentication=False
     )
