@@ -25,10 +25,10 @@ and ``sslmethod`` is refused (the versions are fixed by the profile).
 
 from __future__ import annotations
 
-import datetime
 import os
 import re
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -392,7 +392,14 @@ def set_grpc_ciphers(ciphers: str = CIPHERS) -> None:
     credentials are made: call this before any. A value already in the
     environment (the operator's) wins.
     """
-    os.environ.setdefault(GRPC_CIPHERS_ENV, ciphers)
+    if GRPC_CIPHERS_ENV in os.environ:
+        return
+    os.environ[GRPC_CIPHERS_ENV] = ciphers
+    if "grpc" in sys.modules:
+        log.warn(
+            "grpcio was loaded before the TLS profile could reach it: the gRPC door offers "
+            "grpcio's default TLS 1.2 suites (AEAD only, without CHACHA20), not --tls-ciphers."
+        )
 
 
 def grpc_server_credentials(tls: ServerTLS):

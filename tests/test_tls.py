@@ -460,3 +460,16 @@ async def test_sighup_to_twistd_reloads_mid_call(tmp_path):
     assert len(errors) == 1 and f"does not match the certificate {cert}" in errors[0]
     assert errors[0].rstrip().endswith(".")
     assert "Traceback" not in log_path.read_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reuse_port_applies_to_ssl_listeners(recorder_factory, tmp_path):
+    """--reuse-port: two recorders listen on one ssl: port, and both serve the reloadable certificate."""
+    from test_process import free_port
+
+    key, cert = make_certificate(tmp_path)
+    port = free_port()
+    first = await recorder_factory(listen=ssl_spec(key, cert, port), reuse_port=True, subdir="a")
+    second = await recorder_factory(listen=ssl_spec(key, cert, port), reuse_port=True, subdir="b")
+    assert first.port == second.port == port
+    assert await served_serial(port) == serial_of(cert)

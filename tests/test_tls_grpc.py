@@ -158,3 +158,13 @@ def test_the_cipher_profile_reaches_grpcio(tmp_path, ciphers, accepted, refused)
     finally:
         child.stdin.close()
         child.wait(timeout=30)
+
+
+def test_the_command_line_does_not_load_grpcio():
+    """Parsing options must not import grpcio: the cipher profile is set for it only then."""
+    code = ("import sys; from evrecorder import tap; tap.Options().parseOptions([]); "
+            "import os; print('grpc' in sys.modules, os.environ.get('GRPC_SSL_CIPHER_SUITES'))")
+    env = {k: v for k, v in os.environ.items() if k != tlsconfig.GRPC_CIPHERS_ENV}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(env, PYTHONPATH=REPO),
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False", tlsconfig.CIPHERS], out.stderr
