@@ -58,7 +58,7 @@ _PEM_BLOCK = re.compile(
 )
 
 
-class TLSError(Exception):
+class TLSError(ValueError):
     """A key, certificate, chain or cipher setting that cannot be served; a sentence."""
 
 
