@@ -194,15 +194,24 @@ def server_context(creds: Credentials, ciphers: str = CIPHERS,
             ctx.load_tmp_dh(dh_parameters.encode())
         except SSL.Error as e:
             raise TLSError(f"the DH parameters file {dh_parameters} cannot be loaded: {e}") from None
-    ctx.use_certificate(creds.leaf)
-    for cert in creds.certificates[1:]:
-        ctx.add_extra_chain_cert(cert)
-    ctx.use_privatekey(creds.key)
     try:
+        ctx.use_certificate(creds.leaf)
+        for cert in creds.certificates[1:]:
+            ctx.add_extra_chain_cert(cert)
+        ctx.use_privatekey(creds.key)
+        # load_credentials compared them already; OpenSSL has the last word.
         ctx.check_privatekey()
-    except SSL.Error:  # load_credentials compared them already; OpenSSL has the last word
-        raise TLSError("the private key does not match the certificate") from None
+    except SSL.Error as e:  # e.g. "ee key too small": a 1024-bit RSA key
+        raise TLSError(
+            f"OpenSSL refuses the key or certificate (serial {creds.leaf.serial_number:x}): "
+            f"{_openssl_reason(e)}"
+        ) from None
     return ctx
+
+
+def _openssl_reason(error: SSL.Error) -> str:
+    reasons = [r[2] for r in (error.args[0] if error.args else []) if isinstance(r, tuple) and len(r) == 3]
+    return "; ".join(reasons) or str(error)
 
 
 # -- a listener's certificate, reloadable -------------------------------------
@@ -265,8 +274,15 @@ class ServerTLS:
                 listener=self.name, old=old.creds.describe(), reason=str(e),
             )
             return False
-        self._served = _Served(creds, context, old.generation + 1)
+        except Exception:
+            log.failure(
+                "TLS reload of {listener} failed, still serving the old certificate ({old}).",
+                listener=self.name, old=old.creds.describe(),
+            )
+            return False
         same = creds.chain_pem == old.creds.chain_pem and creds.key_pem == old.creds.key_pem
+        if not same:  # an unchanged pair keeps its context: gRPC sees no new configuration
+            self._served = _Served(creds, context, old.generation + 1)
         log.info(
             "TLS reload of {listener}: {what} ({certificate}).",
             listener=self.name, certificate=creds.describe(),

@@ -16,7 +16,7 @@ import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, connectWS
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer
 from twisted.internet import ssl as tssl
@@ -263,6 +263,12 @@ async def test_reload_with_a_mismatched_key_keeps_the_old_certificate(recorder_f
     new_serial = renew(key, cert)  # the pair completed: the next reload takes it
     assert rec.service.reload_tls() is True
     assert await served_serial(rec.port) == new_serial
+    [tls] = rec.service.tls
+    generation = tls.generation
+    with LogCapture() as logs:  # a reload with nothing renewed changes nothing
+        assert rec.service.reload_tls() is True
+    assert tls.generation == generation
+    assert [line for line in logs.lines(LogLevel.info) if "the certificate is unchanged" in line]
 
 
 @pytest.mark.parametrize("broken, sentence", [
@@ -380,6 +386,10 @@ def test_load_refuses_what_cannot_be_served(tmp_path):
     with pytest.raises(tlsconfig.TLSError, match="expired on"):
         tlsconfig.load_credentials(str(tmp_path / "both.pem"), str(tmp_path / "both.pem"),
                                    now=leaf.not_valid_after_utc.timestamp() + 1)
+    weak = rsa.generate_private_key(65537, 1024)  # below OpenSSL's security level
+    (tmp_path / "weak.pem").write_bytes(key_pem(weak) + pem(issue(weak, "localhost")))
+    with pytest.raises(tlsconfig.TLSError, match=r"OpenSSL refuses the key or certificate \(serial \w+\): ee key too small"):
+        tlsconfig.server_tls(f"ssl:0:privateKey={tmp_path / 'weak.pem'}")
     with pytest.raises(tlsconfig.TLSError, match="sslmethod is not supported"):
         tlsconfig.parse_ssl(f"ssl:0:privateKey=k:sslmethod=TLSv1_2_METHOD")
     with pytest.raises(tlsconfig.TLSError, match="an ssl: endpoint takes a port and"):
