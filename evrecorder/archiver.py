@@ -27,6 +27,7 @@ from twisted.python.threadpool import ThreadPool
 from evrecorder.finalize import SCHEMA, finalize, rfc3339
 from evrecorder.metrics import Metrics
 from evrecorder.settings import Settings
+from evrecorder.sidecar import channel_counts
 from evrecorder.spool import SIDECAR_FILE, WAV_FILE, CallSpool, Spool
 from evrecorder.stores import PublishItem, Store, StoreError
 
@@ -303,7 +304,8 @@ class Archiver(service.Service):
             self._waiting_since.pop(entry.path, None)
             self.metrics.archived.labels(sidecar["endReason"]).inc()
             self.metrics.upload_seconds.observe(self._reactor.seconds() - started)
-            agent, caller = sidecar["perspectives"]["Participant"], sidecar["perspectives"]["Conference"]
+            counts = channel_counts(sidecar)  # a WebSocket or a gRPC recording's
+            agent, caller = counts["agent"], counts["caller"]
             log.info(
                 "archived {call_id}/{session_id} as {key} to {store}: {seconds:.1f} s, "
                 "endReason {reason}, agent {agent_frames} frames ({agent_missing} missing), "

@@ -1,11 +1,18 @@
 """Calls: per-call state across sockets, and the registry that keys them.
 
-Nothing here knows about WebSockets.  A front door (the WebSocket protocol
-today, perhaps gRPC streaming later) hands a :class:`CallRegistry` plain
-values: "this connection carries call (callId, sessionId) with this Start
-metadata", "Media frame n of perspective p", "a Stop", "the connection is
-gone".  A connection is any object with ``end_call(code, reason)`` (close
-yourself, the call is over).
+Nothing here knows about WebSockets or gRPC.  A front door hands a
+:class:`CallRegistry` plain values: "this connection carries call (callId,
+sessionId) with this Start metadata", "Media frame n of perspective p", "a
+Stop", "the connection is gone".  A connection is any object with
+``end_call(code, reason)`` (close yourself, the call is over).  Bad input is
+refused with :class:`~evrecorder.errors.CallRejected`, which each door maps
+to its own close code or status.
+
+The WebSocket door's calls are :class:`Call`; the gRPC door's dialogs
+(:meth:`CallRegistry.join_dialog`) are :class:`~evrecorder.dialog.Dialog`.
+Both are kept in :attr:`CallRegistry.calls` (a dialog under the key
+``("grpc", accountId, dialogId)``), so ``--max-calls``, the active-calls
+gauge, draining and :meth:`CallRegistry.end_all` count and end them alike.
 
 A call ends, and goes to the archiver, when:
 
@@ -14,15 +21,20 @@ A call ends, and goes to the archiver, when:
 * no message came for ``idle_timeout`` ("timeout");
 * it has run for ``max_call_duration`` ("max-duration");
 * the recorder shuts down ("shutdown").
+
+(:mod:`evrecorder.dialog` says when a dialog ends.)
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable
 
 from twisted.logger import Logger
 
+from evrecorder.dialog import DIALOG_KEY, Dialog
+from evrecorder.errors import CallRejected
 from evrecorder.metrics import Metrics
+from evrecorder.recording import Clock, Connection, Recording, spool_rejection
 from evrecorder.settings import PERSPECTIVES, Settings
 from evrecorder.spool import CallSpool, Spool
 
@@ -33,29 +45,14 @@ FRAME_SECONDS = 0.020
 #: socket carries only once that perspective has sent nothing for this long.
 QUIET_SECONDS = 1.0
 
-
-class Connection(Protocol):
-    def end_call(self, code: int, reason: str) -> None:
-        """The call this connection carried is over: close."""
+__all__ = ["Call", "CallRegistry", "Clock", "Connection", "Dialog"]
 
 
-class Clock(Protocol):
-    def seconds(self) -> float: ...
-
-    def callLater(self, delay: float, f: Callable, *args, **kw): ...
-
-
-class CallError(Exception):
-    """Bad input on a connection: ``code`` is the WebSocket close code to use."""
-
-    def __init__(self, code: int, reason: str):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-class Call:
+class Call(Recording):
     """One call, keyed by (callId, sessionId), fed by one or more connections."""
+
+    door = "websocket"
+    what = "call"
 
     def __init__(
         self,
@@ -66,18 +63,8 @@ class Call:
         metadata: dict,
         connected_at: float,
     ):
-        self._registry = registry
-        self._clock = registry.clock
-        self._settings = registry.settings
-        self.spool = spool
-        self.call_id = call_id
-        self.session_id = session_id
-        self.metadata = metadata
-        self.connected_at = connected_at
-        self.created_at = self._clock.seconds()
+        super().__init__(registry, spool, call_id, session_id, metadata, connected_at)
         self.first_media_at: float | None = None
-        self.ended_at: float | None = None
-        self.end_reason: str | None = None
         self._connections: dict[Connection, set[str]] = {}
         self._first_seq: dict[str, int] = {}
         self._stopped: dict[str, dict | None] = {}
@@ -85,15 +72,10 @@ class Call:
         self._last_media: dict[str, float] = {}
         # Counted here, plain dicts (every key present): the metrics read
         # them at scrape time and take them in when the call ends.
-        self._metrics = registry.metrics
         self.frames_by_perspective = dict.fromkeys(PERSPECTIVES, 0)
         self.bytes_by_perspective = dict.fromkeys(PERSPECTIVES, 0)
-        self._metrics.track(self.frames_by_perspective, self.bytes_by_perspective)
-        self._last_activity = self.created_at
-        self._detached_at: float | None = None
-        self._timer = None
+        self._track(self.frames_by_perspective, self.bytes_by_perspective)
         self.frames_received = 0
-        self.claim = None  # this process's claim on the call (owners.Claim)
         self._schedule()
 
     @property
@@ -129,18 +111,19 @@ class Call:
         together count as arriving together even when handling them took a
         while (a late-starting perspective's offset depends on it).  The frame
         is collected in the spool; the front door calls ``spool.flush()`` when
-        it has handled what it read.  Raises :class:`CallError` for bad input.
+        it has handled what it read.  Raises
+        :class:`~evrecorder.errors.CallRejected` for bad input.
         """
         self._last_activity = now = self._clock.seconds() if at is None else at
         first = self._first_seq.get(perspective)
         if first is None:
             if perspective not in self.frames_by_perspective:
                 # Front doors check this; one that did not gets no KeyError.
-                raise CallError(1007, f"unknown perspective {str(perspective)[:40]!r}")
+                raise CallRejected("invalid", f"unknown perspective {str(perspective)[:40]!r}")
             self._start_perspective(perspective, seq, now)
         elif not -self._max_span <= seq - first <= self._max_span:
-            raise CallError(
-                1007,
+            raise CallRejected(
+                "invalid",
                 f"sequenceId {seq} is out of range for {perspective} "
                 f"(first was {first})",
             )
@@ -209,10 +192,6 @@ class Call:
             # Every perspective that sent media has stopped (or none ever did).
             self.end("stop")
 
-    def touch(self) -> None:
-        """Any message counts as activity for the idle timeout."""
-        self._last_activity = self._clock.seconds()
-
     def _stop_perspective(self, conn: Connection, now: float) -> str | None:
         running = [p for p in PERSPECTIVES if p in self._first_seq and p not in self._stopped]
         on_conn = [p for p in running if p in self._connections.get(conn, ())]
@@ -227,76 +206,12 @@ class Call:
         quiet = [p for p in running if now - self._last_media.get(p, 0.0) >= QUIET_SECONDS]
         return min(quiet, key=lambda p: self._last_media.get(p, 0.0)) if quiet else None
 
-    @property
-    def complete(self) -> bool:
-        return self.end_reason == "stop"
-
     # -- ending ----------------------------------------------------------
 
-    def end(self, reason: str) -> None:
-        if self.ended:
-            return
-        self.end_reason = reason
-        self.ended_at = self._clock.seconds()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        try:
-            self.spool.append_event(
-                {"event": "end", "reason": reason, "complete": self.complete, "at": self.ended_at}
-            )
-        except OSError:
-            log.failure(
-                "call {call_id}/{session_id}: its end could not be written to the spool",
-                call_id=self.call_id, session_id=self.session_id,
-            )
-        try:
-            self.spool.close()
-        except OSError:
-            # What reached the disk is still finalized and archived below.
-            log.failure(
-                "call {call_id}/{session_id}: its last frames could not be written",
-                call_id=self.call_id, session_id=self.session_id,
-            )
-        for conn in list(self._connections):
-            conn.end_call(1000 if reason == "stop" else 1001, "call ended: " + reason)
+    def _closing(self, reason: str) -> list[Connection]:
+        conns = list(self._connections)
         self._connections.clear()
-        self._registry.call_ended(self)
-
-    def _deadline(self) -> tuple[float, str]:
-        s = self._settings
-        candidates = [
-            (self._last_activity + s.idle_timeout, "timeout"),
-            (self.created_at + s.max_call_duration, "max-duration"),
-        ]
-        if self._detached_at is not None:
-            candidates.append((self._detached_at + s.reconnect_grace, "disconnect"))
-        return min(candidates)
-
-    def _schedule(self) -> None:
-        # One timer per call, re-armed lazily: messages only move
-        # _last_activity, they never touch the reactor's timer heap.
-        when, _ = self._deadline()
-        delay = max(0.0, when - self._clock.seconds())
-        if self._timer is not None and self._timer.active():
-            if self._timer.getTime() <= when:
-                return
-            self._timer.cancel()
-        self._timer = self._clock.callLater(delay, self._check_deadline)
-
-    def _check_deadline(self) -> None:
-        self._timer = None
-        if self.ended:
-            return
-        when, reason = self._deadline()
-        if self._clock.seconds() >= when:
-            log.info(
-                "call {call_id}/{session_id} ends without Stop: {reason}",
-                call_id=self.call_id, session_id=self.session_id, reason=reason,
-            )
-            self.end(reason)
-        else:
-            self._schedule()
+        return conns
 
 
 class CallRegistry:
@@ -358,7 +273,7 @@ class CallRegistry:
                     claim = None  # recorded here without a claim: the owner is unreachable
             try:
                 if len(self.calls) >= self.settings.max_calls and not takeover:
-                    raise CallError(1013, f"at capacity ({self.settings.max_calls} calls)")
+                    raise CallRejected("capacity", f"at capacity ({self.settings.max_calls} calls)")
                 header = {
                     "callId": call_id,
                     "sessionId": session_id,
@@ -367,15 +282,7 @@ class CallRegistry:
                     "connectedAt": connected_at,
                     "createdAt": self.clock.seconds(),
                 }
-                for attempt in range(3):
-                    entry = self.spool.new_call(call_id, session_id, connected_at)
-                    try:
-                        entry.create(header)
-                        break
-                    except FileNotFoundError:
-                        # A sibling's start-up scan removed the half-made entry.
-                        if attempt == 2:
-                            raise
+                entry = self._new_entry(call_id, session_id, header, connected_at)
             except BaseException:
                 if claim is not None:
                     claim.release()
@@ -395,6 +302,83 @@ class CallRegistry:
             )
         call.attach(conn)
         return call
+
+    def _new_entry(self, call_id: str, session_id: str, header: dict,
+                   connected_at: float) -> CallSpool:
+        """A new spool entry, locked, with its header in place (OSError if not)."""
+        for attempt in range(3):
+            entry = self.spool.new_call(call_id, session_id, connected_at)
+            try:
+                entry.create(header)
+                return entry
+            except FileNotFoundError:
+                # A sibling's start-up scan removed the half-made entry.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def join_dialog(
+        self,
+        conn: Connection,
+        *,
+        account_id: str,
+        dialog_id: str,
+        session_id: str,
+        metadata: dict,
+        connected_at: float,
+    ) -> Dialog:
+        """The gRPC dialog's recording, made if new; ``conn`` joins it as a stream.
+
+        An existing recording is joined while it is in progress, which
+        includes the ``reconnect_grace`` after its last stream closed: until
+        then it has not gone to the archiver.  Raises
+        :class:`~evrecorder.errors.CallRejected`: "capacity" when a new
+        dialog would pass ``--max-calls``, "internal" when its spool entry
+        cannot be made (nothing is kept then).
+        """
+        key = (DIALOG_KEY, account_id, dialog_id)
+        dialog = self.calls.get(key)
+        if dialog is not None:
+            dialog.attach(conn, session_id, connected_at)
+            log.info(
+                "dialog {call_id} (account {account_id}): another stream joins it "
+                "(session {session_id})",
+                call_id=dialog_id, account_id=account_id, session_id=session_id,
+            )
+            return dialog
+        if len(self.calls) >= self.settings.max_calls:
+            raise CallRejected("capacity", f"at capacity ({self.settings.max_calls} calls)")
+        header = {
+            "source": "grpc",
+            "callId": dialog_id,
+            "sessionId": session_id,
+            "accountId": account_id,
+            "metadata": metadata,
+            "query": {},
+            "connectedAt": connected_at,
+            "createdAt": self.clock.seconds(),
+        }
+        try:
+            entry = self._new_entry(dialog_id, session_id, header, connected_at)
+        except OSError as e:
+            raise spool_rejection(e, "make a spool entry for a dialog") from None
+        except (TypeError, ValueError):
+            # The door builds the metadata from protobuf: it always serializes.
+            raise CallRejected("invalid", "the dialog's metadata cannot be kept as JSON") from None
+        dialog = Dialog(self, entry, key, dialog_id, session_id, metadata, connected_at)
+        try:
+            dialog.attach(conn, session_id, connected_at)
+        except CallRejected:
+            # Its first event could not be written: nothing of it is kept.
+            self.metrics.fold(*dialog.counts)
+            dialog.abandon()
+            raise
+        self.calls[key] = dialog
+        log.info(
+            "dialog {call_id} (account {account_id}) started (session {session_id})",
+            call_id=dialog_id, account_id=account_id, session_id=session_id,
+        )
+        return dialog
 
     def _relay(self, conn, address, call_id, session_id, metadata, query, connected_at,
                relayed):
@@ -437,25 +421,38 @@ class CallRegistry:
     def has_call(self, call_id: str | None, session_id: str | None) -> bool:
         """Whether a socket for this call needs no new call slot here: the call
         is recorded here, or (both ids known) a sibling process has claimed it."""
-        if any(k[0] == call_id and (session_id is None or k[1] == session_id) for k in self.calls):
+        if any(
+            len(k) == 2 and k[0] == call_id and (session_id is None or k[1] == session_id)
+            for k in self.calls
+        ):
             return True
         if self.owners is not None and call_id is not None and session_id is not None:
             return self.owners.claimed(call_id, session_id)
         return False
 
-    def call_ended(self, call: Call) -> None:
+    def call_ended(self, call: Recording) -> None:
         if self.calls.get(call.key) is call:
             del self.calls[call.key]
-        self.metrics.fold(call.frames_by_perspective, call.bytes_by_perspective)
+        self.metrics.fold(*call.counts)
         if call.claim is not None:
             call.claim.release()  # a socket for this key from now on is a new recording
-        log.info(
-            "call {call_id}/{session_id} ended ({reason}), {frames} frames received",
-            call_id=call.call_id, session_id=call.session_id,
-            reason=call.end_reason, frames=call.frames_received,
-        )
+        if isinstance(call, Call):
+            log.info(
+                "call {call_id}/{session_id} ended ({reason}), {frames} frames received",
+                call_id=call.call_id, session_id=call.session_id,
+                reason=call.end_reason, frames=call.frames_received,
+            )
+        else:
+            log.info(
+                "dialog {call_id} (account {account_id}) ended ({reason}), {streams} streams, "
+                "{segments} segments, {chunks} chunks received",
+                call_id=call.call_id, account_id=call.account_id, reason=call.end_reason,
+                streams=call.streams_joined, segments=call.segment_count,
+                chunks=sum(call.counts[0].values()),
+            )
         self._on_ended(call)
 
     def end_all(self, reason: str) -> None:
         for call in list(self.calls.values()):
             call.end(reason)
+

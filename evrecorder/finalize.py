@@ -29,9 +29,10 @@ import hashlib
 import itertools
 import os
 import socket
-from datetime import datetime, timezone
 
 from evrecorder import __version__, keys, wav
+from evrecorder.assemble import SOURCE as GRPC_SOURCE
+from evrecorder.assemble import finalize_grpc
 from evrecorder.framefile import read_runs, split
 from evrecorder.placement import FRAME_BYTES, SHORT_RUN, PerspectiveStats, Placer
 from evrecorder.settings import PERSPECTIVE_OF, PERSPECTIVES, ROLE_OF, Settings
@@ -44,17 +45,11 @@ from evrecorder.spool import (
     write_json_atomic,
 )
 
-SCHEMA = "evrecorder/1"
+from evrecorder.sidecar import SCHEMA, rfc3339  # noqa: F401 (the archiver's names)
+
 PLACED_SUFFIX = ".placed"
 SPLIT_SUFFIX = ".split"
 SCRATCH_SUFFIXES = (PLACED_SUFFIX, SPLIT_SUFFIX)
-
-
-def rfc3339(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _place(
@@ -108,9 +103,13 @@ def finalize(
 
     A call that recorded its end keeps that reason; one left by a crash
     before its end is "recovered" and incomplete.  Returns the sidecar
-    (without ``archivedAt``).
+    (without ``archivedAt``).  A gRPC recording (``"source": "grpc"`` in
+    its header) is :func:`evrecorder.assemble.finalize_grpc`'s; a header
+    without ``source`` is a WebSocket call's, as every older spool's.
     """
     header = entry.read_header()
+    if header.get("source") == GRPC_SOURCE:
+        return finalize_grpc(entry, settings)
     events = entry.read_events()
     starts: dict[str, tuple[int, int | None]] = {}  # offset in frames, first id to arrive
     stops: dict[str, dict | None] = {}
@@ -197,6 +196,7 @@ def finalize(
     key = keys.format_key(settings.key_template, fields)
     sidecar = {
         "schema": SCHEMA,
+        "source": "websocket",
         "callId": header["callId"],
         "sessionId": header["sessionId"],
         "key": key,

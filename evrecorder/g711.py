@@ -1,4 +1,7 @@
-"""G.711 mu-law (ITU-T G.711), as used by Engage Voice media frames.
+"""G.711 mu-law and A-law (ITU-T G.711), and L16, as the front doors receive them.
+
+Engage Voice media frames are mu-law; RingCX gRPC segments may also be
+A-law (PCMA) or L16 (big-endian 16-bit linear, RFC 3551).
 
 Decoding follows the standard table (the one sox and the old stdlib
 ``audioop`` use: 0x00 is -32124, 0x80 is +32124, 0xFF and 0x7F are 0).
@@ -81,3 +84,67 @@ def pcm16le_to_ulaw(pcm: bytes) -> bytes:
         samples.byteswap()
     table = _ENCODE_TABLE
     return bytes(table[s + 32768] for s in samples)
+
+
+# -- A-law (PCMA) ------------------------------------------------------------
+
+def _alaw_decode_one(a: int) -> int:
+    # ITU-T G.711 A-law, as Sun's reference g711.c (sox, audioop) decodes it:
+    # even bits inverted (0x55), 3-bit segment, 4-bit step, half-step bias.
+    a ^= 0x55
+    t = (a & 0x0F) << 4
+    seg = (a & 0x70) >> 4
+    if seg == 0:
+        t += 8
+    elif seg == 1:
+        t += 0x108
+    else:
+        t = (t + 0x108) << (seg - 1)
+    return t if a & 0x80 else -t
+
+
+#: Linear value of each A-law byte (0xD5 is +8, 0x55 is -8: A-law has no zero).
+ALAW_DECODE_TABLE: tuple[int, ...] = tuple(_alaw_decode_one(a) for a in range(256))
+
+_ALAW_LOW = bytes(ALAW_DECODE_TABLE[a] & 0xFF for a in range(256))
+_ALAW_HIGH = bytes((ALAW_DECODE_TABLE[a] >> 8) & 0xFF for a in range(256))
+
+
+def alaw_to_pcm16le(alaw: bytes) -> bytes:
+    """Decode A-law bytes into little-endian signed 16-bit samples."""
+    out = bytearray(2 * len(alaw))
+    out[0::2] = alaw.translate(_ALAW_LOW)
+    out[1::2] = alaw.translate(_ALAW_HIGH)
+    return bytes(out)
+
+
+# -- L16 -----------------------------------------------------------------------
+
+def l16be_to_pcm16le(data: bytes) -> bytes:
+    """Big-endian 16-bit samples (RTP's L16) as little-endian ones; an odd
+    last byte (half a sample) is dropped."""
+    n = len(data) & ~1
+    out = bytearray(n)
+    out[0::2] = data[1:n:2]
+    out[1::2] = data[0:n:2]
+    return bytes(out)
+
+
+# -- fast mu-law encoding of whole blocks ----------------------------------
+
+#: mu-law byte of each 16-bit sample, indexed by its *unsigned* bit pattern.
+_ENCODE_UNSIGNED = _ENCODE_TABLE[32768:] + _ENCODE_TABLE[:32768]
+
+
+def pcm16le_block_to_ulaw(pcm: bytes | bytearray) -> bytes:
+    """:func:`pcm16le_to_ulaw` for a block, with the per-sample work in C
+    (``map`` over an unsigned ``array``): what finalize uses for a
+    ``--format mulaw`` recording mixed from linear samples."""
+    import array
+    import sys
+
+    samples = array.array("H")
+    samples.frombytes(pcm[: len(pcm) - len(pcm) % 2])
+    if sys.byteorder != "little":
+        samples.byteswap()
+    return bytes(map(_ENCODE_UNSIGNED.__getitem__, samples))

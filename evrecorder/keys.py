@@ -97,3 +97,43 @@ def check_template(template: str) -> None:
         raise ValueError(f"the key template {template!r} cannot be used: {e}") from e
     if not key:
         raise ValueError(f"the key template {template!r} gives an empty key")
+
+
+def grpc_key_fields(
+    metadata: dict, segments: list[dict], start: float, call_id: str, session_id: str
+) -> dict:
+    """The key fields of a gRPC recording, under the WebSocket Start metadata's names.
+
+    ``metadata`` is DialogInit as stored (``{"account": ..., "dialog": ...}``,
+    proto field names); ``segments`` the ``segment`` events in start order.
+    So one template serves both doors: ``{callId}`` (the dialog id),
+    ``{sessionId}`` (the first stream's), ``{accountId}``, ``{subaccountId}``,
+    ``{rcAccountId}``, ``{agentId}`` (the first AGENT participant's id),
+    ``{productId}`` and ``{productType}`` (of the first segment that names a
+    product), ``{ani}``, ``{dnis}``, ``{dialogType}`` and ``{start}``.  A
+    field the dialog does not have is left out (it becomes ``unknown``).
+    """
+    account = metadata.get("account") or {}
+    dialog = metadata.get("dialog") or {}
+    found = {
+        "accountId": account.get("id"),
+        "subaccountId": account.get("sub_account_id"),
+        "rcAccountId": account.get("rc_account_id"),
+        "ani": dialog.get("ani"),
+        "dnis": dialog.get("dnis"),
+        "dialogType": dialog.get("type"),
+    }
+    for segment in segments:
+        participant = segment.get("participant") or {}
+        if participant.get("type") == "AGENT" and participant.get("id"):
+            found["agentId"] = participant["id"]
+            break
+    for segment in segments:
+        product = segment.get("product") or {}
+        if product.get("id") or product.get("type"):
+            found["productId"] = product.get("id")
+            found["productType"] = product.get("type")
+            break
+    fields = key_fields({k: v for k, v in found.items() if v not in (None, "")}, {}, start)
+    fields.update(callId=call_id, sessionId=session_id)
+    return fields

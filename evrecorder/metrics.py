@@ -23,7 +23,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
 
+from evrecorder.settings import PERSPECTIVE_OF
+from evrecorder.sidecar import channel_counts
+
 PLACEMENT_COUNTERS = ("missing", "duplicates", "reordered", "late")
+GRPC_CHANNELS = frozenset(("agent", "caller"))
+DOORS = ("websocket", "grpc")
 
 
 class Metrics:
@@ -40,6 +45,11 @@ class Metrics:
         self.placement: Tally = Tally()  # (counter, perspective) -> n, from finalized calls
         self.rejected: Tally = Tally()  # handshake refusals by reason
         self.closed: Tally = Tally()  # sockets closed for bad input, by close code
+        # The gRPC door's: streams refused before any event (secret, draining),
+        # streams ended for bad input or our fault (by status name), streams opened.
+        self.grpc_rejected: Tally = Tally()
+        self.grpc_closed: Tally = Tally()
+        self.grpc_streams = 0
         self.gauges: dict[str, Callable[[], float]] = {}
         self.relayed = 0  # sockets relayed to the sibling process that records their call
         self.archived = Counter(
@@ -62,39 +72,57 @@ class Metrics:
         )
         self.registry.register(_Collector(self))
 
-    def track(self, frames: dict, nbytes: dict) -> None:
-        """Count a call in progress: its frames and media bytes by perspective,
-        two dicts its owner keeps adding to."""
+    def track(self, frames: dict, nbytes: dict, door: str | None = None) -> None:
+        """Count a call in progress: its frames (or chunks) and media bytes by
+        perspective (or channel), two dicts its owner keeps adding to.  The
+        door is told by the labels when not given: a WebSocket call counts by
+        perspective, a gRPC dialog by channel."""
+        if door is None:
+            door = "grpc" if set(frames) <= GRPC_CHANNELS else "websocket"
         with self._lock:
-            self._live[id(frames)] = (frames, nbytes)
+            self._live[id(frames)] = (frames, nbytes, door)
 
     def fold(self, frames: dict, nbytes: dict) -> None:
         """The call counted by :meth:`track` ended: its counts join the totals."""
         with self._lock:
-            if self._live.pop(id(frames), None) is None:
+            live = self._live.pop(id(frames), None)
+            if live is None:
                 return  # folded already (or never tracked)
+            door = live[2]
             for perspective, n in frames.items():
                 if n:
-                    self.frames[perspective] += n
+                    self.frames[(door, perspective)] += n
             for perspective, n in nbytes.items():
                 if n:
-                    self.media_bytes[perspective] += n
+                    self.media_bytes[(door, perspective)] += n
 
     def media_counts(self) -> tuple[Tally, Tally]:
-        """Frames and media bytes by perspective: calls that ended and calls
-        in progress."""
+        """Frames and media bytes by perspective (WebSocket) or channel (gRPC):
+        calls that ended and calls in progress."""
+        frames, nbytes = self.media_counts_by_door()
+        by_label: tuple[Tally, Tally] = (Tally(), Tally())
+        for tally, out in ((frames, by_label[0]), (nbytes, by_label[1])):
+            for (_, label), n in tally.items():
+                out[label] += n
+        return by_label
+
+    def media_counts_by_door(self) -> tuple[Tally, Tally]:
+        """Frames and media bytes by (door, perspective or channel): calls that
+        ended and calls in progress."""
         with self._lock:
             frames, nbytes = Tally(self.frames), Tally(self.media_bytes)
-            for live_frames, live_bytes in list(self._live.values()):
+            for live_frames, live_bytes, door in list(self._live.values()):
                 # Copies first: the reactor thread adds to these meanwhile.
-                frames.update(dict(live_frames))
-                nbytes.update(dict(live_bytes))
+                frames.update({(door, k): n for k, n in dict(live_frames).items()})
+                nbytes.update({(door, k): n for k, n in dict(live_bytes).items()})
         return +frames, +nbytes
 
     def call_finalized(self, sidecar: dict) -> None:
-        for perspective, side in sidecar["perspectives"].items():
+        # Per channel, labelled with the WebSocket perspective it is (a gRPC
+        # recording's segments are summed per channel).
+        for channel, side in channel_counts(sidecar).items():
             for name in PLACEMENT_COUNTERS:
-                self.placement[(name, perspective)] += side[name]
+                self.placement[(name, PERSPECTIVE_OF[channel])] += side[name]
 
 
 class _Collector:
@@ -103,18 +131,36 @@ class _Collector:
 
     def collect(self):
         m = self._m
-        frames, media_bytes = m.media_counts()
+        frames, media_bytes = m.media_counts_by_door()
+        # Every family that both doors feed has a ``door`` label; the names are
+        # the WebSocket door's (for gRPC: frames are chunks, perspectives are
+        # channels, handshakes are streams, close codes are status names).
         for name, doc, tally, label in (
-            ("evrecorder_frames", "Media frames received.", frames, "perspective"),
+            ("evrecorder_frames", "Media frames (gRPC: chunks) received.", frames, "perspective"),
             ("evrecorder_media_bytes", "Media bytes received (decoded).", media_bytes,
              "perspective"),
-            ("evrecorder_rejected_handshakes", "Handshakes refused.", m.rejected, "reason"),
-            ("evrecorder_bad_input_closes", "Sockets closed for bad input.", m.closed, "code"),
         ):
-            family = CounterMetricFamily(name, doc, labels=[label])
-            for value, n in sorted(tally.items()):
-                family.add_metric([str(value)], n)
+            family = CounterMetricFamily(name, doc, labels=["door", label])
+            for (door, value), n in sorted(tally.items()):
+                family.add_metric([door, str(value)], n)
             yield family
+        for name, doc, by_door, label in (
+            ("evrecorder_rejected_handshakes",
+             "Handshakes (gRPC: streams) refused before any event, by reason.",
+             (("websocket", m.rejected), ("grpc", m.grpc_rejected)), "reason"),
+            ("evrecorder_bad_input_closes",
+             "Sockets (gRPC: streams) closed for bad input or our fault, by close code "
+             "(gRPC: status).", (("websocket", m.closed), ("grpc", m.grpc_closed)), "code"),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["door", label])
+            for door, tally in by_door:
+                for value, n in sorted(dict(tally).items()):
+                    family.add_metric([door, str(value)], n)
+            yield family
+        yield CounterMetricFamily(
+            "evrecorder_grpc_streams", "gRPC streams accepted (past the secret and draining).",
+            value=m.grpc_streams,
+        )
         family = CounterMetricFamily(
             "evrecorder_placement_frames",
             "Reorder outcomes in finalized calls: missing (silence), duplicates, reordered, late.",
@@ -128,12 +174,19 @@ class _Collector:
             "Sockets whose call a sibling process records (relayed to it).", value=m.relayed,
         )
         for name, read in sorted(m.gauges.items()):
-            yield GaugeMetricFamily(name, _GAUGE_DOCS.get(name, name), value=read())
+            value = read()
+            if isinstance(value, dict):  # by door
+                family = GaugeMetricFamily(name, _GAUGE_DOCS.get(name, name), labels=["door"])
+                for door, n in sorted(value.items()):
+                    family.add_metric([door], n)
+                yield family
+            else:
+                yield GaugeMetricFamily(name, _GAUGE_DOCS.get(name, name), value=value)
 
 
 _GAUGE_DOCS = {
-    "evrecorder_active_calls": "Calls in progress.",
-    "evrecorder_active_sockets": "Open WebSocket connections.",
+    "evrecorder_active_calls": "Calls (gRPC: dialogs) in progress, by door.",
+    "evrecorder_active_sockets": "Open WebSocket connections (gRPC: streams), by door.",
     "evrecorder_upload_queue_depth": "Finished calls not yet confirmed by the archive.",
     "evrecorder_upload_oldest_age_seconds": "Age of the oldest unconfirmed finished call.",
     "evrecorder_draining": "1 while the recorder drains for shutdown.",

@@ -26,7 +26,6 @@ Close codes:
 from __future__ import annotations
 
 import binascii
-import hmac
 import json
 from binascii import a2b_base64
 
@@ -39,7 +38,9 @@ from twisted.logger import Logger
 
 from evrecorder import fastmask
 from evrecorder.fastmask import unmask as _unmask
-from evrecorder.call import Call, CallError, CallRegistry
+from evrecorder.call import Call, CallRegistry
+from evrecorder.errors import CallRejected
+from evrecorder.secrets import SecretChecker
 from evrecorder.settings import PERSPECTIVES, Settings
 
 _log = Logger()
@@ -52,22 +53,23 @@ _NOT_UTF8 = object()
 _MULAW_TYPES = {"audio/x-mulaw", "audio/mulaw", "audio/basic", "audio/pcmu", "mulaw", "ulaw", "pcmu"}
 
 
-class SecretChecker:
-    """Constant-time comparison against the configured secrets (rotation)."""
+#: The close code for each kind of refusal the core raises (evrecorder.errors).
+CLOSE_CODES = {
+    "invalid": 1007,
+    "unsupported": 1003,
+    "precondition": 1008,
+    "capacity": 1013,
+    "internal": 1011,
+}
 
-    def __init__(self, secrets: list[str]):
-        self._secrets = [s.encode("utf-8") for s in secrets]
 
-    @property
-    def required(self) -> bool:
-        return bool(self._secrets)
+class CallError(Exception):
+    """Bad input this door finds itself: ``code`` is the close code to use."""
 
-    def matches(self, presented: str) -> bool:
-        value = presented.encode("utf-8", "surrogatepass")
-        ok = False
-        for secret in self._secrets:  # no early exit: the time says nothing
-            ok |= hmac.compare_digest(value, secret)
-        return ok
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
 
 
 def _first_values(params: dict) -> dict:
@@ -359,6 +361,8 @@ class RecorderProtocol(WebSocketServerProtocol):
                 raise CallError(1003, f"unknown event {str(event)[:40]!r}")
         except CallError as e:
             self._bad_input(e.code, e.reason)
+        except CallRejected as e:
+            self._bad_input(CLOSE_CODES[e.kind], e.reason)
         except Exception:
             _log.failure("message from {peer} could not be handled", peer=self._peer_name)
             self._bad_input(1011, "internal error")

@@ -46,7 +46,8 @@ from twisted.internet import protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 
-from evrecorder.call import CallError
+from evrecorder.errors import CallRejected
+from evrecorder.protocol import CLOSE_CODES, CallError
 from evrecorder.settings import PERSPECTIVES
 
 log = Logger()
@@ -162,6 +163,8 @@ class RelayedConnection(Int32StringReceiver):
                 raise CallError(1011, f"relay message of unknown kind {kind!r}")
         except CallError as e:
             self._refuse(e.code, e.reason)
+        except CallRejected as e:
+            self._refuse(CLOSE_CODES[e.kind], e.reason)
         except Exception:
             log.failure("a relayed message could not be handled")
             self._refuse(1011, "internal error")
@@ -396,19 +399,20 @@ class RemoteCall:
                     break
                 getattr(local, kind)(*((self.conn,) if kind != "touch" else ()), *args)
             local.spool.flush()
-        except CallError as e:
+        except (CallError, CallRejected) as e:
+            code = e.code if isinstance(e, CallError) else CLOSE_CODES[e.kind]
             local, self._local = self._local, None
             self._ended = True
             if local is not None and not local.ended:
                 local.detach(self.conn)
-            self.registry.metrics.closed[e.code] += 1
+            self.registry.metrics.closed[code] += 1
             log.warn(
                 "call {call_id}/{session_id}: taking the call over failed ({code}: {reason}); "
                 "{n} messages the dead owner never confirmed are lost",
-                call_id=self.call_id, session_id=self.session_id, code=e.code,
+                call_id=self.call_id, session_id=self.session_id, code=code,
                 reason=e.reason, n=len(unacked),
             )
-            self.conn.end_call(e.code, e.reason)
+            self.conn.end_call(code, e.reason)
         except Exception:
             log.failure(
                 "call {call_id}/{session_id}: taking the call over failed",

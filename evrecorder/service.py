@@ -23,6 +23,8 @@ from twisted.web.server import Site
 from evrecorder import relay, tlsconfig
 from evrecorder.archiver import Archiver
 from evrecorder.call import CallRegistry
+from evrecorder.dialog import DIALOG_KEY
+from evrecorder.grpcdoor import GrpcDoor, parse_endpoint
 from evrecorder.metrics import Metrics, site_root
 from evrecorder.owners import CallOwners
 from evrecorder.protocol import RecorderFactory
@@ -128,7 +130,8 @@ class RecorderService(service.MultiService):
 
     def __init__(
         self, settings: Settings, store: Store, reactor, listen: list[str] = (),
-        metrics_listen: list[str] = (), reload_on_sighup: bool = False,
+        metrics_listen: list[str] = (), grpc_listen: list[str] = (),
+        reload_on_sighup: bool = False,
     ):
         super().__init__()
         self.settings = settings
@@ -146,9 +149,13 @@ class RecorderService(service.MultiService):
         self._relay.setServiceParent(self)
         self._listen_reactor = ReusePortReactor(reactor) if settings.reuse_port else reactor
         self.factory = RecorderFactory(self.registry, settings, reactor)
+        self.grpc: GrpcDoor | None = None  # made by the first add_grpc_listener
         self.metrics.gauges.update({
-            "evrecorder_active_calls": lambda: len(self.registry.calls),
-            "evrecorder_active_sockets": lambda: len(self.factory.sockets),
+            "evrecorder_active_calls": self._active_calls,
+            "evrecorder_active_sockets": lambda: {
+                "websocket": len(self.factory.sockets),
+                "grpc": len(self.grpc.streams) if self.grpc is not None else 0,
+            },
             "evrecorder_upload_queue_depth": lambda: self.archiver.queue_depth,
             "evrecorder_upload_oldest_age_seconds": self.archiver.oldest_age,
             "evrecorder_draining": lambda: int(self.factory.draining),
@@ -157,8 +164,27 @@ class RecorderService(service.MultiService):
         self.call_listeners: list[StreamServerEndpointService] = []  # WebSocket ones
         for spec in listen:
             self.add_listener(spec)
+        for spec in grpc_listen:
+            self.add_grpc_listener(spec)
         for spec in metrics_listen:
             self.add_metrics_listener(spec)
+
+    def _active_calls(self) -> dict:
+        grpc = sum(1 for key in list(self.registry.calls) if key[0] == DIALOG_KEY)
+        return {"websocket": len(self.registry.calls) - grpc, "grpc": grpc}
+
+    def add_grpc_listener(self, spec: str) -> GrpcDoor:
+        """A ``--grpc-listen`` endpoint; all of them share one gRPC server (one thread)."""
+        if self.grpc is None:
+            self.grpc = GrpcDoor(self.registry, self.settings, self._reactor, [])
+            self.grpc.setServiceParent(self)
+        endpoint = parse_endpoint(spec, clock=self._reactor)
+        self.grpc.endpoints.append(endpoint)
+        if endpoint.certificate is not None:  # a certificate that SIGHUP reloads
+            self.tls.append(endpoint.certificate)
+            log.info("{listener} serves {certificate}.", listener=endpoint.certificate.name,
+                     certificate=endpoint.certificate.credentials.describe())
+        return self.grpc
 
     def add_listener(self, spec: str, factory=None, reactor=None) -> StreamServerEndpointService:
         if tlsconfig.is_ssl(spec):  # a certificate that SIGHUP reloads
@@ -229,6 +255,8 @@ class RecorderService(service.MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         self.factory.draining = True
+        if self.grpc is not None:
+            self.grpc.drain()  # new streams UNAVAILABLE, health NOT_SERVING
         if self.settings.reuse_port:
             # Siblings share the port: the kernel would keep giving this
             # process its share of new calls, only to be told 503. Stop
@@ -250,6 +278,8 @@ class RecorderService(service.MultiService):
                 yield task.deferLater(self._reactor, 0.1, lambda: None)
             registry.end_all("shutdown")
         self.factory.close_all()
+        if self.grpc is not None:
+            self.grpc.close_all()
         # Children stop in reverse order: listeners, then the archiver, which
         # waits for the finalizations the ended calls started.
         yield defer.maybeDeferred(super().stopService)

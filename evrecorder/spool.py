@@ -21,9 +21,15 @@ Each call is a directory ``<spool>/calls/<name>/``:
     an older version left (a crash, then an upgrade) finalizes as before.
     The finalizer also writes this format, as scratch files ``<Perspective>.split``
     cut from ``call.frames`` (:mod:`evrecorder.framefile`).
+``call.chunks``
+    instead of ``call.frames`` for a gRPC dialog (``call.json`` has
+    ``"source": "grpc"``): every accepted audio chunk of every segment, in
+    arrival order, in the records of :mod:`evrecorder.chunkfile`, collected
+    and written as ``call.frames`` is.
 ``events.jsonl``
     one JSON object a line, appended: a perspective's first frame (with its
-    offset), each Stop, the end of the call.
+    offset), each Stop, the end of the call (for a dialog: its streams,
+    segments, SegmentInfo and SegmentStop events, :mod:`evrecorder.dialog`).
 ``recording.wav`` + ``sidecar.json``
     the finished recording.  ``sidecar.json`` is renamed into place last, so
     its presence means "finalized: upload me".  The directory is deleted only
@@ -52,6 +58,7 @@ import struct
 import tempfile
 from typing import Iterator
 
+from evrecorder.chunkfile import CHUNK_RECORD, CHUNKS_FILE
 from evrecorder.settings import PERSPECTIVES
 
 #: A record of a per-perspective frames file (``<Perspective>.frames``).
@@ -61,6 +68,7 @@ CALL_RECORD = struct.Struct(">BQH")
 PERSPECTIVE_INDEX = {p: i for i, p in enumerate(PERSPECTIVES)}
 _INDEX = PERSPECTIVE_INDEX
 _pack_call_record = CALL_RECORD.pack
+_pack_chunk_record = CHUNK_RECORD.pack
 
 CALL_FILE = "call.json"
 EVENTS_FILE = "events.jsonl"
@@ -100,6 +108,7 @@ class CallSpool:
         self.path = path
         self._held = held  # the spool's set of entries this process holds
         self._frames_fd: int | None = None
+        self._frames_file = CALL_FRAMES_FILE  # CHUNKS_FILE for a gRPC dialog
         self._pending = bytearray()
         self._events_fd: int | None = None
         self._lock_fd: int | None = None
@@ -142,7 +151,13 @@ class CallSpool:
     # -- writing (while the call runs) -----------------------------------
 
     def create(self, header: dict) -> None:
-        """Make the entry, locked by this process, with its header in place."""
+        """Make the entry, locked by this process, with its header in place.
+
+        A header with ``"source": "grpc"`` makes a dialog's entry: its audio
+        goes to ``call.chunks`` (:meth:`append_chunk`).
+        """
+        if header.get("source") == "grpc":
+            self._frames_file = CHUNKS_FILE
         parent, name = os.path.split(self.path)
         hidden = os.path.join(parent, NEW_PREFIX + name)
         os.mkdir(hidden)
@@ -173,6 +188,23 @@ class CallSpool:
         if len(buf) > FLUSH_BYTES:
             self.flush()
 
+    def append_chunk(
+        self, segment: int, seq: int, at: float, duration_ms: int, payload: bytes
+    ) -> None:
+        """Collect a dialog's chunk (as :func:`evrecorder.chunkfile.pack_chunk`
+        packs it); only :meth:`flush` writes: the gRPC door flushes after
+        each batch it read."""
+        buf = self._pending
+        buf += _pack_chunk_record(
+            segment, seq, at, duration_ms if duration_ms < 0xFFFF else 0xFFFF, len(payload)
+        )
+        buf += payload
+
+    @property
+    def pending(self) -> int:
+        """Bytes collected and not written yet."""
+        return len(self._pending)
+
     def flush(self) -> None:
         """Hand every collected frame to the kernel, in one ``write``: from
         then on it survives a crash of this process."""
@@ -182,7 +214,7 @@ class CallSpool:
         fd = self._frames_fd
         if fd is None:
             fd = self._frames_fd = os.open(
-                os.path.join(self.path, CALL_FRAMES_FILE),
+                os.path.join(self.path, self._frames_file),
                 os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                 0o640,
             )

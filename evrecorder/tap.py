@@ -89,6 +89,7 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["listen"] = []
+        self["grpc-listen"] = []
         self["metrics"] = []
         self["secrets"] = []
 
@@ -100,6 +101,12 @@ class Options(usage.Options):
     def opt_listen(self, spec):
         """Twisted server endpoint to listen on, repeatable (default tcp:3333)."""
         self["listen"].append(spec)
+
+    def opt_grpc_listen(self, spec):
+        """gRPC endpoint for RingCX streaming, repeatable: tcp:PORT[:interface=IP]
+        (plaintext) or ssl:PORT:privateKey=K:certKey=C[:extraCertChain=F][:interface=IP].
+        Off by default."""
+        self["grpc-listen"].append(spec)
 
     def opt_secret(self, value):
         """Shared secret of the streaming profile; repeatable, for rotation."""
@@ -142,6 +149,8 @@ class Options(usage.Options):
         for name in ("listen", "metrics"):
             for spec in self[name]:
                 _check_endpoint(name, spec)
+        for spec in self["grpc-listen"]:
+            _check_grpc_endpoint(spec)
         env_secret = os.environ.get("EVRECORDER_SECRET")
         if env_secret:
             self["secrets"].append(env_secret)
@@ -232,6 +241,16 @@ def _check_endpoint(option: str, spec: str) -> None:
         raise usage.UsageError(f"--{option} {spec}: {e}.") from None
 
 
+def _check_grpc_endpoint(spec: str) -> None:
+    """Parse a --grpc-listen value (reading its TLS files, not binding)."""
+    from evrecorder.grpcdoor import parse_endpoint
+
+    try:
+        parse_endpoint(spec)
+    except ValueError as e:
+        raise usage.UsageError(f"--grpc-listen {spec}: {e}.") from None
+
+
 def makeService(config: Options):
     from twisted.internet import reactor
 
@@ -241,5 +260,5 @@ def makeService(config: Options):
     store = store_from_url(settings.archive, **settings.s3)
     return RecorderService(
         settings, store, reactor, listen=config["listen"], metrics_listen=config["metrics"],
-        reload_on_sighup=True,
+        grpc_listen=config["grpc-listen"], reload_on_sighup=True,
     )

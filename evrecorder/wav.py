@@ -27,22 +27,26 @@ FORMATS = ("pcm16", "mulaw")
 _BLOCK = 1 << 16  # samples per channel per block
 
 
-def header(fmt: str, samples: int) -> bytes:
-    """The RIFF/WAVE header for ``samples`` stereo sample frames."""
+def header(fmt: str, samples: int, rate: int = SAMPLE_RATE) -> bytes:
+    """The RIFF/WAVE header for ``samples`` stereo sample frames at ``rate`` Hz.
+
+    (A gRPC recording may be 16 kHz: WAVE_FORMAT_MULAW at 16 kHz is as
+    valid as at 8 kHz, the tag says nothing of the rate.)
+    """
     if fmt == "pcm16":
         width = 2
         data_size = samples * 2 * width
         fmt_chunk = struct.pack(
-            "<4sIHHIIHH", b"fmt ", 16, 1, 2, SAMPLE_RATE,
-            SAMPLE_RATE * 2 * width, 2 * width, 16,
+            "<4sIHHIIHH", b"fmt ", 16, 1, 2, rate,
+            rate * 2 * width, 2 * width, 16,
         )
         extra = b""
     elif fmt == "mulaw":
         width = 1
         data_size = samples * 2 * width
         fmt_chunk = struct.pack(
-            "<4sIHHIIHHH", b"fmt ", 18, 7, 2, SAMPLE_RATE,
-            SAMPLE_RATE * 2 * width, 2 * width, 8, 0,
+            "<4sIHHIIHHH", b"fmt ", 18, 7, 2, rate,
+            rate * 2 * width, 2 * width, 8, 0,
         )
         extra = struct.pack("<4sII", b"fact", 4, samples)
     else:

@@ -24,7 +24,7 @@ class Recorder:
     """A RecorderService started in this process on 127.0.0.1:<random port>."""
 
     def __init__(self, tmp_path, store=None, metrics=False,
-                 listen="tcp:0:interface=127.0.0.1", **settings):
+                 listen="tcp:0:interface=127.0.0.1", grpc_listen=None, **settings):
         from twisted.internet import reactor
 
         self.reactor = reactor
@@ -37,6 +37,12 @@ class Recorder:
         self._listener = self.service.add_listener(listen)
         self.port: int | None = None
         self._metrics = self.service.add_metrics_listener("tcp:0:interface=127.0.0.1") if metrics else None
+        # grpc_listen: an endpoint string ("tcp:0:interface=127.0.0.1", an ssl: one), or True.
+        if grpc_listen is True:
+            grpc_listen = "tcp:0:interface=127.0.0.1"
+        if grpc_listen:
+            self.service.add_grpc_listener(grpc_listen)
+        self.grpc_port: int | None = None
         self.metrics_port: int | None = None
 
     async def start(self) -> "Recorder":
@@ -45,6 +51,8 @@ class Recorder:
         self.port = port.getHost().port
         if self._metrics is not None:
             self.metrics_port = (await self._metrics._waitingForPort).getHost().port
+        if self.service.grpc is not None:
+            self.grpc_port = self.service.grpc.ports[0]
         return self
 
     async def http_get(self, path: str) -> tuple[int, str]:
@@ -83,10 +91,11 @@ async def recorder_factory(tmp_path):
     started: list[Recorder] = []
 
     async def make(store=None, subdir="r", metrics=False, listen="tcp:0:interface=127.0.0.1",
-                   **settings) -> Recorder:
+                   grpc_listen=None, **settings) -> Recorder:
         path = tmp_path / subdir
         path.mkdir(exist_ok=True)
-        rec = await Recorder(path, store=store, metrics=metrics, listen=listen, **settings).start()
+        rec = await Recorder(path, store=store, metrics=metrics, listen=listen,
+                             grpc_listen=grpc_listen, **settings).start()
         started.append(rec)
         return rec
 

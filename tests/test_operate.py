@@ -48,16 +48,16 @@ async def test_metrics_count_a_replayed_call(recorder_factory):
     await rec.archived()
     await sleep(0.05)
     _, text = await rec.http_get("/metrics")
-    assert metric(text, "evrecorder_frames_total", perspective=AGENT) == 40
-    assert metric(text, "evrecorder_frames_total", perspective=CALLER) == 29
-    assert metric(text, "evrecorder_media_bytes_total", perspective=AGENT) == 40 * 160
-    assert metric(text, "evrecorder_rejected_handshakes_total", reason="secret") == 1
-    assert metric(text, "evrecorder_bad_input_closes_total", code="1007") == 1
+    assert metric(text, "evrecorder_frames_total", door="websocket", perspective=AGENT) == 40
+    assert metric(text, "evrecorder_frames_total", door="websocket", perspective=CALLER) == 29
+    assert metric(text, "evrecorder_media_bytes_total", door="websocket", perspective=AGENT) == 40 * 160
+    assert metric(text, "evrecorder_rejected_handshakes_total", door="websocket", reason="secret") == 1
+    assert metric(text, "evrecorder_bad_input_closes_total", code="1007", door="websocket") == 1
     assert metric(text, "evrecorder_calls_archived_total", end_reason="stop") == 1
     assert metric(text, "evrecorder_placement_frames_total", counter="reordered", perspective=AGENT) == 1
     assert metric(text, "evrecorder_placement_frames_total", counter="missing", perspective=CALLER) == 1
     assert metric(text, "evrecorder_upload_seconds_count") == 1
-    assert metric(text, "evrecorder_active_calls") == 0
+    assert metric(text, "evrecorder_active_calls", door="websocket") == 0
     assert metric(text, "evrecorder_upload_queue_depth") == 0
 
 

@@ -233,7 +233,8 @@ def test_media_metrics_count_calls_in_progress_and_ended(tmp_path):
     reg = CallRegistry(spool, Settings(spool=spool.root), clock, lambda call: None, metrics)
 
     def sample(name, perspective):
-        return metrics.registry.get_sample_value(name + "_total", {"perspective": perspective})
+        return metrics.registry.get_sample_value(
+            name + "_total", {"door": "websocket", "perspective": perspective})
 
     assert sample("evrecorder_frames", AGENT) is None
     conn = FakeConn()
