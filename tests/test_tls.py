@@ -25,6 +25,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 
 from evrecorder import tap, tlsconfig
+from conftest import independent_decode, read_pcm16_wav
 from test_service import AGENT, CALLER, assert_channels, frames, reactor, sleep
 from wsclient import Conn, _Protocol, connected, media, refused, start, stop
 
@@ -415,61 +416,88 @@ def test_ssl_strings_parse_as_twisted_parses_them(spec):
 # -- twistd, SIGHUP ------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
-async def test_sighup_to_twistd_reloads_mid_call(tmp_path):
-    """twistd: SIGHUP mid-call serves the renewed certificate, a broken pair is refused, the call is exact."""
+async def test_sighup_to_twistd_reloads_both_doors_mid_call(tmp_path):
+    """twistd, SIGHUP mid-call: both doors serve the renewed certificate, a broken pair is refused,
+    the wss call and the gRPC stream in progress record exactly."""
+    import json
+
+    import grpc
+
+    from grpcclient import OpenStream, segment_stop
+    from test_grpc_process import spooled_chunks
+    from test_grpc_service import chunks, dialog_events
     from test_process import free_port, start_twistd, until
 
     key, cert = make_certificate(tmp_path)
-    old_serial = serial_of(cert)
-    port, tls_port = free_port(), free_port()
-    proc = start_twistd(tmp_path, port, "hup", "--listen", ssl_spec(key, cert, tls_port))
+    old_serial, old_pem = serial_of(cert), open(cert, "rb").read()
+    port, tls_port, grpc_port = free_port(), free_port(), free_port()
+    proc = start_twistd(tmp_path, port, "hup", "--listen", ssl_spec(key, cert, tls_port),
+                        "--grpc-listen", ssl_spec(key, cert, grpc_port), "--reconnect-grace", "0.5")
+    log_path = tmp_path / "hup.log"
 
-    def served() -> int | None:
+    def served(port: int) -> int | None:
         try:
-            return handshake(tls_port, client_context()).get("serial")
+            return handshake(port, client_context(alpn=["h2"] if port == grpc_port else None)).get("serial")
         except OSError:  # not listening yet
             return None
 
     try:
-        await until(lambda: served() is not None, what="the TLS listener")
-        assert served() == old_serial
+        await until(lambda: served(tls_port) == served(grpc_port) == old_serial, what="both TLS listeners")
+        # The profile reached grpcio in the real process: CHACHA20 on TLS 1.2 (not in grpcio's
+        # default), no CBC, on both doors.
+        tls12, chacha = ssl.TLSVersion.TLSv1_2, "ECDHE-ECDSA-CHACHA20-POLY1305"
+        for p, alpn in ((tls_port, None), (grpc_port, ["h2"])):
+            assert handshake(p, client_context(chacha, tls12, alpn=alpn)).get("cipher") == chacha
+            assert "refused" in handshake(p, client_context(CBC_12, tls12, alpn=alpn))
         agent, caller = frames(40, 93), frames(40, 94)
         conn = await wss_connect(tls_port)
-        conn.send_all([connected(), start("hup-1")])
+        conn.send_all([connected(), start("hup-ws")])
         for i in range(20):
             conn.send(media(AGENT, i + 1, agent[i]))
             conn.send(media(CALLER, i + 1, caller[i]))
+        contact, agent_g = chunks(12, 95), chunks(12, 96)
+        events = dialog_events("hup-grpc", contact, agent_g, stop=False)
+        stream = OpenStream(grpc_port, ca=old_pem)
+        stream.send(*events[:15])  # DialogInit, two SegmentStarts, 12 chunks
+        await until(lambda: spooled_chunks(tmp_path / "spool") >= 12, what="gRPC chunks on disk")
 
         new_serial = renew(key, cert)
         proc.send_signal(signal.SIGHUP)
-        await until(lambda: served() == new_serial, what="the new certificate")
+        await until(lambda: served(tls_port) == served(grpc_port) == new_serial, what="the new certificate")
         for i in range(20, 40):
             conn.send(media(AGENT, i + 1, agent[i]))
             conn.send(media(CALLER, i + 1, caller[i]))
         assert peer_serial(conn) == old_serial
+        stream.send(*events[15:])
 
         renew(key, cert, keep_key=True)  # mismatched: the served one stays
         proc.send_signal(signal.SIGHUP)
-        log_path = tmp_path / "hup.log"
-        await until(lambda: b"does not match" in log_path.read_bytes(), what="the reload error")
-        assert served() == new_serial
+        await until(lambda: log_path.read_bytes().count(b"does not match") == 2, what="the reload errors")
+        assert served(tls_port) == served(grpc_port) == new_serial
         conn.send_all([stop(), stop()])
+        stream.send(segment_stop("a"), segment_stop("c"))
+        stream.close()
         assert (await conn.closed)[0] == 1000
-        await until(lambda: list((tmp_path / "archive").rglob("*.json")), what="the recording")
+        assert await deferToThread(stream.result) == (grpc.StatusCode.OK, "")
+        await until(lambda: len(list((tmp_path / "archive").rglob("*.json"))) == 2, what="the recordings")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
-    [sidecar_path] = list((tmp_path / "archive").rglob("*.json"))
-    import json
-
-    sidecar = json.loads(sidecar_path.read_text())
-    sidecar["_wav"] = str(sidecar_path)[:-5] + ".wav"
-    assert sidecar["complete"] is True
-    assert_channels(sidecar, b"".join(agent), b"".join(caller))
-    errors = [line for line in log_path.read_text().splitlines() if "TLS reload" in line and "failed" in line]
-    assert len(errors) == 1 and f"does not match the certificate {cert}" in errors[0]
-    assert errors[0].rstrip().endswith(".")
-    assert "Traceback" not in log_path.read_text()
+    sidecars = {}
+    for path in (tmp_path / "archive").rglob("*.json"):
+        sidecar = json.loads(path.read_text())
+        sidecar["_wav"] = str(path)[:-5] + ".wav"
+        sidecars[sidecar["callId"]] = sidecar
+    assert sidecars["hup-ws"]["complete"] is True and sidecars["hup-grpc"]["complete"] is True
+    assert_channels(sidecars["hup-ws"], b"".join(agent), b"".join(caller))
+    left, right = read_pcm16_wav(sidecars["hup-grpc"]["_wav"])
+    assert left == independent_decode(b"".join(agent_g)) and right == independent_decode(b"".join(contact))
+    text = log_path.read_text()
+    errors = [line for line in text.splitlines() if "TLS reload" in line and "failed" in line]
+    assert len(errors) == 2, errors  # one sentence for each listener
+    assert all(f"does not match the certificate {cert}" in e and e.rstrip().endswith(".") for e in errors)
+    assert sum("new handshakes get the new certificate" in line for line in text.splitlines()) == 2
+    assert "Traceback" not in text
 
 
 @pytest_twisted.ensureDeferred

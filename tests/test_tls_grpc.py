@@ -12,6 +12,7 @@ from concurrent import futures
 
 import grpc
 import pytest
+import pytest_twisted
 
 from evrecorder import tlsconfig
 from test_tls import (
@@ -168,3 +169,36 @@ def test_the_command_line_does_not_load_grpcio():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(env, PYTHONPATH=REPO),
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", tlsconfig.CIPHERS], out.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_grpc_door_reload_mid_stream(recorder_factory, tmp_path):
+    """The recorder's gRPC door: reload mid-stream serves the new serial and the dialog records exactly."""
+    from twisted.internet.threads import deferToThread
+
+    from grpcclient import OpenStream, segment_stop
+    from test_grpc_process import spooled_chunks
+    from test_grpc_service import assert_exact, chunks, dialog_events, until
+    from test_tls import ssl_spec
+
+    key, cert = make_certificate(tmp_path)
+    old_serial, old_pem = serial_of(cert), open(cert, "rb").read()
+    rec = await recorder_factory(grpc_listen=ssl_spec(key, cert), reconnect_grace=0.3)
+    [tls] = rec.service.tls
+    assert (await deferToThread(h2_handshake, rec.grpc_port))["serial"] == old_serial
+    contact, agent = chunks(10, 97), chunks(10, 98)
+    events = dialog_events("grpc-renew", contact, agent, stop=False)
+    stream = OpenStream(rec.grpc_port, ca=old_pem)
+    stream.send(*events[:13])
+    await until(lambda: spooled_chunks(rec.settings.spool) >= 10, what="chunks on disk")
+
+    new_serial = renew(key, cert)
+    assert rec.service.reload_tls() is True and tls.generation == 2
+    got = await deferToThread(h2_handshake, rec.grpc_port)
+    assert got["serial"] == new_serial != old_serial
+    stream.send(*events[13:], segment_stop("a"), segment_stop("c"))
+    stream.close()
+    assert await deferToThread(stream.result) == (grpc.StatusCode.OK, "")
+    [sidecar] = await rec.archived()
+    assert sidecar["complete"] is True
+    assert_exact(sidecar, b"".join(agent), b"".join(contact))
