@@ -136,8 +136,10 @@ class RecorderService(service.MultiService):
         super().__init__()
         self.settings = settings
         self._reactor = reactor
-        self._reload_on_sighup = reload_on_sighup  # twistd only; tests call reload_tls()
         self.tls: list[tlsconfig.ServerTLS] = []  # every TLS listener's certificate
+        if reload_on_sighup:  # twistd only (tests call reload_tls); from now, not from the
+            # start of the service: SIGHUP's default action would end the process.
+            tlsconfig.reload_on_sighup(reactor, self.reload_tls)
         self.metrics = Metrics()
         self.spool = Spool(settings.spool)
         self.archiver = Archiver(self.spool, store, settings, reactor, metrics=self.metrics)
@@ -245,8 +247,6 @@ class RecorderService(service.MultiService):
                 "profile's secret with --secret-file or EVRECORDER_SECRET."
             )
         super().startService()
-        if self._reload_on_sighup:
-            tlsconfig.reload_on_sighup(self._reactor, self.reload_tls)
         log.info(
             "evrecorder recording to {archive} (spool {spool})",
             archive=self.archiver.store.describe(), spool=self.spool.root,
