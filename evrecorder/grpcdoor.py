@@ -103,6 +103,8 @@ class GrpcEndpoint:
     private_key: str | None = None
     cert_key: str | None = None
     extra_cert_chain: str | None = None
+    certificate: tlsconfig.ServerTLS | None = None
+    """The key, certificate and chain, checked; SIGHUP reloads them (evrecorder.tlsconfig)."""
 
     @property
     def tls(self) -> bool:
@@ -114,9 +116,6 @@ class GrpcEndpoint:
         if ":" in host:
             host = f"[{host}]"
         return f"{host}:{self.port}"
-
-    certificate: tlsconfig.ServerTLS | None = None
-    """The key, certificate and chain, checked; SIGHUP reloads them (evrecorder.tlsconfig)."""
 
     def credentials(self) -> grpc.ServerCredentials | None:
         """TLS credentials that serve the current certificate (new handshakes after a reload)."""
