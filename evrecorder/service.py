@@ -14,7 +14,7 @@ import os
 import resource
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.logger import Logger
@@ -137,6 +137,9 @@ class RecorderService(service.MultiService):
         self.settings = settings
         self._reactor = reactor
         self.tls: list[tlsconfig.ServerTLS] = []  # every TLS listener's certificate
+        watch = TimerService(tlsconfig.WATCH_SECONDS, self._watch_tls)  # renewal without SIGHUP
+        watch.clock = reactor
+        watch.setServiceParent(self)
         if reload_on_sighup:  # twistd only (tests call reload_tls); from now, not from the
             # start of the service: SIGHUP's default action would end the process.
             tlsconfig.reload_on_sighup(reactor, self.reload_tls)
@@ -215,6 +218,13 @@ class RecorderService(service.MultiService):
     def reload_tls(self) -> bool:
         """Re-read every TLS listener's key and certificate (SIGHUP); True if all were served."""
         return tlsconfig.reload_all(self.tls)
+
+    def _watch_tls(self) -> None:
+        for tls in list(self.tls):
+            try:
+                tls.poll()
+            except Exception:
+                log.failure("looking at the TLS files of {listener} failed", listener=tls.name)
 
     def _relay_conns(self) -> list:
         """The relay connections siblings have open to this process (tests, debugging)."""

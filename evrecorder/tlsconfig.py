@@ -8,7 +8,9 @@ connection from the *current* OpenSSL context. :meth:`ServerTLS.reload`
 (on SIGHUP, ``systemctl reload``) reads the files again and swaps the context
 only when the new ones pass the same checks; otherwise it logs one sentence
 and keeps the old certificate. A connection keeps the context it was made
-with, so calls in progress are never touched by a reload.
+with, so calls in progress are never touched by a reload. The files are also
+looked at every :data:`WATCH_SECONDS` (:meth:`ServerTLS.poll`), so a renewal
+is taken even without SIGHUP.
 
 The profile (Mozilla's "intermediate", ECDHE only): TLS 1.2 and 1.3, AEAD
 suites only, the server's order of preference. ``--tls-ciphers`` replaces the
@@ -216,11 +218,33 @@ def _openssl_reason(error: SSL.Error) -> str:
 
 # -- a listener's certificate, reloadable -------------------------------------
 
+WATCH_SECONDS = 60.0
+"""How often the files are looked at (:meth:`ServerTLS.poll`); a change is taken once
+the files have held still for one such period, so renewal needs no SIGHUP either."""
+
+_FileState = tuple  # (inode, mtime_ns, size) per file, None for a missing one
+
+
+def _file_state(paths: Iterable[str | None]) -> _FileState:
+    state = []
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            st = os.stat(path)
+            state.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            state.append(None)
+    return tuple(state)
+
+
 @dataclass(frozen=True)
 class _Served:
     creds: Credentials
     context: SSL.Context
     generation: int
+    files: _FileState
+    """The files as they were just before they were read."""
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -240,12 +264,19 @@ class ServerTLS:
         self.ciphers = ciphers
         self.dh_parameters = os.path.abspath(dh_parameters) if dh_parameters else None
         self._clock = clock
-        self._served = _Served(*self._load(), generation=1)
+        creds, context, files = self._load()
+        self._served = _Served(creds, context, 1, files)
+        self._changing: _FileState | None = None  # seen changed by poll(), not yet still
+        self._refused: _FileState | None = None  # files a reload refused (and logged)
 
-    def _load(self) -> tuple[Credentials, SSL.Context]:
+    def _files(self) -> _FileState:
+        return _file_state(self.paths + (self.dh_parameters,))
+
+    def _load(self) -> tuple[Credentials, SSL.Context, _FileState]:
+        files = self._files()
         now = self._clock.seconds() if self._clock is not None else None
         creds = load_credentials(*self.paths, now=now)
-        return creds, server_context(creds, self.ciphers, self.dh_parameters)
+        return creds, server_context(creds, self.ciphers, self.dh_parameters), files
 
     @property
     def credentials(self) -> Credentials:
@@ -265,8 +296,9 @@ class ServerTLS:
         True when the new files are served (even if they are the same certificate).
         """
         old = self._served
+        self._refused = self._files()  # until it is served: poll() need not try it again
         try:
-            creds, context = self._load()
+            creds, context, files = self._load()
         except TLSError as e:
             log.error(
                 "TLS reload of {listener} failed, still serving the old certificate "
@@ -280,15 +312,38 @@ class ServerTLS:
                 listener=self.name, old=old.creds.describe(),
             )
             return False
+        self._refused = None
         same = creds.chain_pem == old.creds.chain_pem and creds.key_pem == old.creds.key_pem
-        if not same:  # an unchanged pair keeps its context: gRPC sees no new configuration
-            self._served = _Served(creds, context, old.generation + 1)
+        if same:  # an unchanged pair keeps its context: gRPC sees no new configuration
+            self._served = _Served(old.creds, old.context, old.generation, files)
+        else:
+            self._served = _Served(creds, context, old.generation + 1, files)
         log.info(
             "TLS reload of {listener}: {what} ({certificate}).",
             listener=self.name, certificate=creds.describe(),
             what="the certificate is unchanged" if same else "new handshakes get the new certificate",
         )
         return True
+
+
+    def poll(self) -> bool | None:
+        """Look at the files (every :data:`WATCH_SECONDS`): reload once they changed and held still.
+
+        A renewal replaces two files one after the other; taking them only when
+        a look finds them as the previous look did avoids reading the new key
+        beside the old certificate. A reload refused here is logged once, not
+        at every look. None when nothing was reloaded, else what reload() said.
+        """
+        files = self._files()
+        if files == self._served.files:
+            self._changing = None
+            return None
+        if files != self._changing:
+            self._changing = files  # changed since the last look: wait one more
+            return None
+        if files == self._refused:  # already refused (here or on SIGHUP) and logged
+            return None
+        return self.reload()
 
 
 def reload_all(listeners: Iterable[ServerTLS]) -> bool:

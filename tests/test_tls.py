@@ -272,6 +272,53 @@ async def test_reload_with_a_mismatched_key_keeps_the_old_certificate(recorder_f
     assert [line for line in logs.lines(LogLevel.info) if "the certificate is unchanged" in line]
 
 
+@pytest_twisted.ensureDeferred
+async def test_renewed_files_are_taken_without_sighup(recorder_factory, tmp_path, monkeypatch):
+    """The files are looked at periodically: a renewal is served once both files held still."""
+    monkeypatch.setattr(tlsconfig, "WATCH_SECONDS", 0.05)
+    key, cert = make_certificate(tmp_path)
+    rec = await recorder_factory(listen=ssl_spec(key, cert))
+    new_serial = renew(key, cert)
+    deadline = reactor().seconds() + 10
+    while await served_serial(rec.port) != new_serial:
+        assert reactor().seconds() < deadline, "the renewed certificate was not taken"
+        await sleep(0.05)
+
+
+@pytest_twisted.ensureDeferred
+async def test_watching_waits_for_both_files_and_reports_a_bad_pair_once(recorder_factory, tmp_path):
+    """A look between the key's and the certificate's replacement reloads nothing; a bad pair logs once."""
+    key, cert = make_certificate(tmp_path)
+    old_serial = serial_of(cert)
+    rec = await recorder_factory(listen=ssl_spec(key, cert))
+    [tls] = rec.service.tls
+    new_key, new_cert = make_certificate(tmp_path, stem="next-")
+    with LogCapture() as logs:
+        assert tls.poll() is None  # nothing changed
+        os.replace(new_key, key)
+        assert tls.poll() is None  # the key changed: wait
+        os.replace(new_cert, cert)
+        assert tls.poll() is None  # and the certificate: wait again
+        assert await served_serial(rec.port) == old_serial
+        assert tls.poll() is True  # held still: taken
+        assert tls.poll() is None
+    assert logs.lines(LogLevel.error) == []
+    assert await served_serial(rec.port) == serial_of(cert) != old_serial
+
+    renew(key, cert, keep_key=True)
+    with LogCapture() as logs:
+        assert [tls.poll() for _ in range(4)] == [None, False, None, None]
+    assert len(logs.lines(LogLevel.error)) == 1  # once, not at every look
+    renew(key, cert, keep_key=True)
+    with LogCapture() as logs:  # refused on SIGHUP: the looks do not say it again
+        assert rec.service.reload_tls() is False
+        assert [tls.poll() for _ in range(3)] == [None, None, None]
+    assert len(logs.lines(LogLevel.error)) == 1
+    renew(key, cert)  # fixed: taken at the next looks
+    assert [tls.poll() for _ in range(2)] == [None, True]
+    assert await served_serial(rec.port) == serial_of(cert)
+
+
 @pytest.mark.parametrize("broken, sentence", [
     ("empty-cert", "holds no PEM certificate"),
     ("missing-key", "the private key file {key} cannot be read: No such file or directory"),
