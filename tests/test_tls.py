@@ -68,9 +68,9 @@ def key_pem(key) -> bytes:
                              serialization.NoEncryption())
 
 
-def make_certificate(directory, stem: str = "", days: float = 1) -> tuple[str, str]:
+def make_certificate(directory, stem: str = "", days: float = 1, rsa_key: bool = False) -> tuple[str, str]:
     """A self-signed certificate for 127.0.0.1 / localhost; returns (key, cert) paths."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = rsa.generate_private_key(65537, 2048) if rsa_key else ec.generate_private_key(ec.SECP256R1())
     cert = issue(key, "localhost", days=days)
     key_path, cert_path = directory / f"{stem}key.pem", directory / f"{stem}cert.pem"
     key_path.write_bytes(key_pem(key))
@@ -346,23 +346,26 @@ async def test_reload_of_broken_files_keeps_the_old_certificate(recorder_factory
     assert await served_serial(rec.port) == old_serial
 
 
+@pytest.mark.parametrize("auth", ["ECDSA", "RSA"])
 @pytest_twisted.ensureDeferred
-async def test_only_aead_suites_with_server_preference(recorder_factory, tmp_path):
+async def test_only_aead_suites_with_server_preference(recorder_factory, tmp_path, auth):
     """TLS 1.2: a CBC-only client is refused, an AEAD one connects, the server's order wins."""
-    key, cert = make_certificate(tmp_path)
+    key, cert = make_certificate(tmp_path, rsa_key=auth == "RSA")
     rec = await recorder_factory(listen=ssl_spec(key, cert))
     tls12 = ssl.TLSVersion.TLSv1_2
+    aes128, aes256, chacha = (f"ECDHE-{auth}-{s}" for s in
+                              ("AES128-GCM-SHA256", "AES256-GCM-SHA384", "CHACHA20-POLY1305"))
 
     cbc = await deferToThread(handshake, rec.port, client_context(CBC_12, tls12))
     assert "refused" in cbc
-    aead = await deferToThread(handshake, rec.port, client_context(AEAD_12, tls12))
-    assert aead["version"] == "TLSv1.2" and aead["cipher"] == "ECDHE-ECDSA-AES128-GCM-SHA256"
+    aead = await deferToThread(handshake, rec.port, client_context(f"{aes256}:{aes128}:{chacha}", tls12))
+    assert aead["version"] == "TLSv1.2" and aead["cipher"] == aes128
     # The client prefers CHACHA20 then AES-256: the server's order (AES-128 first) decides.
-    chacha_first = "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256"
-    picked = await deferToThread(handshake, rec.port, client_context(chacha_first, tls12))
-    assert picked["cipher"] == "ECDHE-ECDSA-AES128-GCM-SHA256"
+    picked = await deferToThread(handshake, rec.port, client_context(f"{chacha}:{aes256}:{aes128}", tls12))
+    assert picked["cipher"] == aes128
+    assert (await deferToThread(handshake, rec.port, client_context(chacha, tls12)))["cipher"] == chacha
     # No static-RSA or finite-field DH key exchange either.
-    for suite in ("AES128-GCM-SHA256", "DHE-RSA-AES128-GCM-SHA256"):
+    for suite in ("AES128-GCM-SHA256", "AES256-GCM-SHA384", "DHE-RSA-AES128-GCM-SHA256"):
         assert "refused" in await deferToThread(handshake, rec.port, client_context(suite, tls12))
     tls13 = await deferToThread(handshake, rec.port, client_context(version=ssl.TLSVersion.TLSv1_3))
     assert tls13["version"] == "TLSv1.3" and tls13["cipher"] in tlsconfig.TLS13_SUITES.split(":")
