@@ -835,11 +835,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="evrecorder-replay",
         description="Stream an audio file to a call recorder over WebSocket, as RingCentral "
-                    "Engage Voice Call Streaming would.",
+                    "Engage Voice Call Streaming would, or over gRPC, as RingCX streaming would.",
     )
     p.add_argument("file", metavar="FILE",
                    help="WAV (16-bit PCM or mu-law, mono or stereo, 8000 Hz) or raw 8 kHz mu-law")
-    p.add_argument("url", metavar="URL", help="ws:// or wss:// address of the recorder")
+    p.add_argument("url", metavar="URL",
+                   help="ws:// or wss:// address of the recorder (Engage Voice WebSocket), or "
+                        "grpc://HOST:PORT or grpcs://HOST:PORT (RingCX gRPC streaming)")
     p.add_argument("--raw", action="store_true", help="FILE is raw 8 kHz mono mu-law")
     p.add_argument("--mono-perspective", choices=[AGENT, CALLER, "both"], default=AGENT,
                    help="where mono audio goes (default %(default)s = agent)")
@@ -870,6 +872,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="do not verify the server's TLS certificate (self-signed test certs)")
     p.add_argument("--quiet", action="store_true", help="print only failed calls and the summary")
+    grpc_opts = p.add_argument_group("gRPC (grpc:// and grpcs://)")
+    grpc_opts.add_argument("--codec", choices=["pcmu", "pcma", "l16"], default="pcmu",
+                           help="audio format of the chunks (default pcmu; l16 is big-endian "
+                                "at the file's rate, 8000 or 16000 Hz)")
+    grpc_opts.add_argument("--ptime", type=_positive_int, default=100,
+                           help="milliseconds of audio per chunk (default 100)")
+    grpc_opts.add_argument("--token", help="External Credential, sent as authorization: Bearer "
+                                           "TOKEN (default: the secret)")
+    grpc_opts.add_argument("--ca", metavar="PEM",
+                           help="trust this CA (or self-signed certificate) for grpcs://")
+    grpc_opts.add_argument("--connections", type=_positive_int, default=1,
+                           help="HTTP/2 connections the calls are spread over (default 1)")
     for name, default in (("ani", "2223334444"), ("dnis", "2223335555"), ("agent-id", "123"),
                           ("account-id", "99990000"), ("product-type", "Queue"),
                           ("product-id", "1234")):
@@ -914,6 +928,8 @@ async def run(reactor, argv: list[str], out=None, err=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse has printed the usage message
         return int(e.code or 0)
+    if urlsplit(args.url).scheme in ("grpc", "grpcs"):
+        return await _run_grpc(args, out, err)
     try:
         options = options_from_args(args)
         audio = load_audio(args.file, raw=args.raw, mono_perspective=args.mono_perspective)
@@ -929,6 +945,48 @@ async def run(reactor, argv: list[str], out=None, err=None) -> int:
     results = await replay(reactor, args.url, audio, options, on_result=report)
     print(format_summary(results, time.monotonic() - started), file=out, flush=True)
     return exit_status(results)
+
+
+async def _run_grpc(args: argparse.Namespace, out, err) -> int:
+    """The command for a grpc:// or grpcs:// target (:mod:`evrecorder.replaygrpc`)."""
+    from twisted.internet.threads import deferToThread
+
+    from evrecorder import replaygrpc
+
+    try:
+        target, tls = replaygrpc.parse_target(args.url)
+        ca = None
+        if args.ca:
+            if not tls:
+                raise UsageError("--ca is for grpcs:// addresses")
+            try:
+                with open(args.ca, "rb") as f:
+                    ca = f.read()
+            except OSError as e:
+                raise UsageError(f"cannot read the CA file {args.ca}: {e.strerror}") from None
+        token = args.token
+        if token is None:
+            token = options_from_args(
+                argparse.Namespace(**{**vars(args), "url": "ws://x/"})).secret
+        channels, rate = replaygrpc.load_channels(
+            args.file, args.codec, args.raw, args.mono_perspective, load_audio, AudioError,
+            AGENT, CALLER)
+        if args.ptime > 1000:
+            raise UsageError("--ptime must be at most 1000 ms")
+    except (ValueError, UsageError, AudioError) as e:
+        print(f"evrecorder-replay: {e}", file=err)
+        return 2
+    options = replaygrpc.GrpcOptions(
+        target=target, tls=tls, ca=ca, token=token, codec=args.codec, ptime=args.ptime,
+        calls=args.calls, connections=args.connections, realtime=args.realtime,
+        stagger=args.stagger, dialog_id=args.call_id, session_id=args.session_id,
+        account_id=args.account_id, agent_id=args.agent_id, ani=args.ani, dnis=args.dnis,
+    )
+    started = time.monotonic()
+    results = await deferToThread(replaygrpc.run_in_thread, channels, rate, options, out,
+                                  args.quiet)
+    print(replaygrpc.format_summary(results, time.monotonic() - started), file=out, flush=True)
+    return 0 if all(r.ok for r in results) else 1
 
 
 def main(argv: list[str] | None = None) -> None:
