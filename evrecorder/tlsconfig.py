@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet.endpoints import SSL4ServerEndpoint
@@ -117,8 +118,10 @@ def load_credentials(
         raise TLSError(
             f"the private key in {key_path} is encrypted: evrecorder needs it without a passphrase"
         ) from None
-    except ValueError as e:
-        raise TLSError(f"the private key in {key_path} cannot be loaded: {e}") from None
+    except (ValueError, UnsupportedAlgorithm):  # the library's reason runs to several sentences
+        raise TLSError(
+            f"the private key in {key_path} is damaged or of a kind OpenSSL cannot use"
+        ) from None
 
     certificates: list[x509.Certificate] = []
     for path in (cert_path,) + ((chain_path,) if chain_path else ()):
@@ -130,8 +133,8 @@ def load_credentials(
             try:
                 certificates.append(x509.load_pem_x509_certificate(
                     block.replace(b"TRUSTED CERTIFICATE", b"CERTIFICATE")))
-            except ValueError as e:
-                raise TLSError(f"a certificate in {path} cannot be loaded: {e}") from None
+            except ValueError:
+                raise TLSError(f"a certificate in {path} is damaged") from None
 
     leaf = certificates[0]
     spki = serialization.PublicFormat.SubjectPublicKeyInfo

@@ -323,6 +323,8 @@ async def test_watching_waits_for_both_files_and_reports_a_bad_pair_once(recorde
     ("empty-cert", "holds no PEM certificate"),
     ("missing-key", "the private key file {key} cannot be read: No such file or directory"),
     ("expired", "expired on"),
+    ("damaged-key", "the private key in {key} is damaged or of a kind OpenSSL cannot use"),
+    ("damaged-cert", "a certificate in {cert} is damaged"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_reload_of_broken_files_keeps_the_old_certificate(recorder_factory, tmp_path, broken,
@@ -335,6 +337,10 @@ async def test_reload_of_broken_files_keeps_the_old_certificate(recorder_factory
         open(cert, "wb").close()
     elif broken == "missing-key":
         os.unlink(key)
+    elif broken.startswith("damaged"):
+        label = "PRIVATE KEY" if broken == "damaged-key" else "CERTIFICATE"
+        pathlib.Path(key if broken == "damaged-key" else cert).write_text(
+            f"-----BEGIN {label}-----\nAAAA\n-----END {label}-----\n")
     else:
         k, c = make_certificate(tmp_path, stem="old-", days=-1)
         os.replace(k, key)
@@ -342,7 +348,8 @@ async def test_reload_of_broken_files_keeps_the_old_certificate(recorder_factory
     with LogCapture() as logs:
         assert rec.service.reload_tls() is False
     [line] = logs.lines(LogLevel.error)
-    assert sentence.format(key=key) in line and line.endswith(".")
+    assert sentence.format(key=key, cert=cert) in line and line.endswith(".")
+    assert line.count(". ") == 0  # one sentence
     assert await served_serial(rec.port) == old_serial
 
 
