@@ -413,8 +413,9 @@ class SSLSpec:
     dh_parameters: str | None
 
 
-def _ssl_spec(port, privateKey="server.pem", certKey=None, interface="", backlog=50,
-              extraCertChain=None, dhParameters=None, sslmethod=None) -> SSLSpec:
+def _ssl_spec(port, privateKey="server.pem", certKey=None, sslmethod=None, interface="",
+              backlog=50, extraCertChain=None, dhParameters=None) -> SSLSpec:
+    # The names, defaults and positions of Twisted's own ssl: parser (endpoints._parseSSL).
     if sslmethod is not None:
         raise TLSError("sslmethod is not supported: evrecorder serves TLS 1.2 and 1.3 only")
     try:
