@@ -32,12 +32,16 @@ Placement (per segment)
     given up, or below the segment's first seq once placement started:
     dropped).  A seq further than ``--max-call-duration`` of chunks from the
     segment's first one is dropped and counted in ``outOfRange`` (a bogus
-    seq must not make hours of silence).
+    seq must not make hours of silence).  ``seq`` is a uint32: one that
+    wraps from 4294967295 to 0 goes on in order.  The segment's timeline
+    (from its lowest seq) starts at its first chunk's arrival, whichever seq
+    that chunk carries.
 
 Timeline
     Sample 0 is the recording's first audio: the earliest arrival of a chunk
     of a recorded segment.  A segment starts at its first chunk's arrival,
-    measured from there and rounded to whole 20 ms frames.  Streams of the
+    measured from there and rounded to whole 20 ms frames (as for WebSocket
+    perspectives, a first chunk within 20 ms of sample 0 starts at 0).  Streams of the
     same dialog (a reconnect) are nothing special: their segments are timed
     by their own arrival, so the time between streams is silence.  Where
     only one segment covers a stretch of a channel, its samples are exactly
@@ -58,18 +62,20 @@ Hold pauses (per segment, from arrival times and the media clock)
     been captured earlier than its arrival allows): the *settled lag*, a
     running minimum taken from the end of the segment backwards.
 
-    A pause is considered where a chunk arrives at least one chunk duration
-    (and at least 20 ms) later than the audio before it predicts, and at least
-    3 chunks follow from there on (a pause needs audio that resumed).  Its
-    length is how far the settled lag at that chunk stands above the lag
-    already accounted for (the segment's lowest lag, plus the pauses
-    inserted before), rounded to whole 20 ms; if that is at least one chunk
-    duration, that much silence is inserted before the chunk and listed in
-    the segment's ``pauses`` (``atSamples``: where the silence starts, in
-    samples of the recording, i.e. of the WAV; ``seconds``).  So a stall
-    repaid by a burst inserts nothing (its audio is contiguous), a hold
-    inserts its length, and a segment stays within one chunk of the wall
-    clock.  A drift of the sender's clock is only corrected at such a gap.
+    A pause is considered where a chunk arrives at least one chunk duration,
+    and at least 200 ms (:data:`MIN_PAUSE`), later than the audio before it
+    predicts, and at least 300 ms of audio (and 3 chunks) follow from there
+    on: a pause needs audio that resumed.  Its length is how far the settled
+    lag at that chunk stands above the lag already accounted for (the
+    segment's lowest lag, plus the pauses inserted before), rounded to whole
+    20 ms; if that is at least the same threshold, that much silence is
+    inserted before the chunk and listed in the segment's ``pauses``
+    (``atSamples``: where the silence starts, in samples of the recording,
+    i.e. of the WAV; ``seconds``).  So a stall repaid by a burst inserts
+    nothing (its audio is contiguous), a hold inserts its length, and after
+    it the segment is back within one chunk of the wall clock.  Shifts
+    shorter than the threshold (jitter, a sender's scheduling hiccup) are not
+    pauses; a drift of the sender's clock is only corrected at a pause.
 
 Codecs and rate
     PCMU and PCMA at 8000 Hz (a rate of 0, proto3's "unset", counts as
@@ -79,7 +85,12 @@ Codecs and rate
     that has audio.  A segment that cannot be recorded exactly (OPUS, FLAC,
     an unspecified or unknown codec, a rate its codec does not have, or a
     rate other than the recording's) is ``recorded: false`` with a
-    ``reason``: its chunks are still counted, never decoded.
+    ``reason``: its chunks are still counted, never decoded, and its
+    ``offsetSamples`` says where it would have started.  An L16 payload of
+    an odd length loses its last byte (half a sample).
+
+Chunks whose segment has no ``segment`` event (a damaged ``events.jsonl``)
+are kept all the same: PCMU on the caller channel, ``segmentId`` null.
 """
 
 from __future__ import annotations
@@ -88,11 +99,8 @@ import hashlib
 import math
 import os
 import socket
-import sys
 from array import array
 from dataclasses import dataclass, field
-from itertools import repeat
-from operator import add
 from typing import BinaryIO, Callable
 
 from evrecorder import __version__, g711, keys, wav
@@ -105,8 +113,13 @@ SOURCE = "grpc"
 SCRATCH_PREFIX = "segment-"
 SCRATCH_SUFFIX = ".placed"
 FRAME_SECONDS = 0.02
-#: Chunks that must follow a gap for it to count as a pause.
-PAUSE_EVIDENCE = 3
+#: The shortest pause inserted (and the smallest gap looked at) when chunks
+#: are shorter than this: network jitter and a sender's scheduling hiccups
+#: are not holds.
+MIN_PAUSE = 0.2
+#: Audio (seconds, and at least 3 chunks) that must follow a gap for it to
+#: count as a pause: a pause needs audio that resumed in real time.
+PAUSE_EVIDENCE = 0.3
 #: What a segment without an audio format is.
 DEFAULT_FORMAT = {"codec": "PCMU", "rate": 8000, "ptime": 0}
 _RATES = {"PCMU": (8000,), "PCMA": (8000,), "L16": (8000, 16000)}
@@ -119,7 +132,6 @@ _WIDTH = {"PCMU": 1, "PCMA": 1, "L16": 2}
 _BLOCK = 1 << 15  # samples per channel per block of the WAV
 _SINK_BYTES = 1 << 16  # linear bytes a segment's scratch file collects before a write
 _ZEROS = bytes(1 << 16)
-_BIG_ENDIAN = sys.byteorder != "little"
 
 
 # -- placement ---------------------------------------------------------------
@@ -137,6 +149,10 @@ class SegmentStats:
     out_of_range: int = 0
     first_seq: int | None = None
     last_seq: int | None = None
+
+
+_SEQ_MOD = 1 << 32
+_HALF_SEQ = 1 << 31
 
 
 class ChunkOrder:
@@ -169,11 +185,16 @@ class ChunkOrder:
 
     def add(self, seq: int, at: float, payload: bytes) -> None:
         stats = self.stats
-        if self._anchor is None:
+        anchor = self._anchor
+        if anchor is None:
             self._anchor = seq
-        elif abs(seq - self._anchor) > self._span:
-            stats.out_of_range += 1
-            return
+        else:
+            # seq is a uint32: one that wrapped past 2^32 - 1 goes on from
+            # there (placement uses the unwrapped number, counters show seq).
+            seq = anchor + ((seq - anchor + _HALF_SEQ) % _SEQ_MOD) - _HALF_SEQ
+            if abs(seq - anchor) > self._span:
+                stats.out_of_range += 1
+                return
         pending = self._pending
         if seq in pending:
             stats.duplicates += 1
@@ -238,13 +259,25 @@ class ChunkOrder:
 # -- one segment -------------------------------------------------------------
 
 
-@dataclass
-class _Run:
-    """Chunks between two places where a pause may have been."""
+class _Runs:
+    """A segment's chunks, cut where a pause may have been: per run, the raw
+    samples placed before its first chunk, its lowest lag and its chunks.
+    Arrays, so a long and jittery segment costs 24 bytes a run."""
 
-    position: int  # raw samples placed before the run's first chunk
-    lowest: float = math.inf  # lowest lag of its chunks
-    count: int = 0
+    def __init__(self) -> None:
+        self.position = array("q", [0])
+        self.lowest = array("d", [math.inf])
+        self.count = array("q", [0])
+
+    def cut(self, position: int) -> None:
+        self.position.append(position)
+        self.lowest.append(math.inf)
+        self.count.append(0)
+
+    def add(self, lag: float) -> None:
+        if lag < self.lowest[-1]:
+            self.lowest[-1] = lag
+        self.count[-1] += 1
 
 
 @dataclass
@@ -261,7 +294,6 @@ class Segment:
     reason: str | None = None
     records: int = 0  # records in call.chunks (from the scan)
     first_at: float | None = None
-    first_payload: int = 0
     info: list = field(default_factory=list)
     stopped_at: float | None = None
     stats: SegmentStats = field(default_factory=SegmentStats)
@@ -321,11 +353,14 @@ class _Sink:
     def __init__(self, path: str, codec: str):
         self.path = path
         self._decode = _DECODE[codec]
+        self._width = _WIDTH[codec]
         self._coded = bytearray()
         self._linear = bytearray()
         open(path, "wb").close()
 
     def audio(self, payload: bytes) -> None:
+        if self._width == 2 and len(payload) % 2:
+            payload = payload[:-1]  # half a sample: dropped here, not across chunks
         self._coded += payload
         if len(self._coded) >= _SINK_BYTES // 2:
             self._decode_coded()
@@ -376,8 +411,9 @@ class _Track:
         self._sink = _Sink(scratch, segment.codec) if segment.recorded else None
         segment.path = scratch if segment.recorded else None
         self._chunk_samples = 0
-        self._threshold = max(chunk_ms / 1000, FRAME_SECONDS)
-        self._runs = [_Run(0)]
+        self._threshold = max(chunk_ms / 1000, MIN_PAUSE)
+        self._evidence = max(3, math.ceil(PAUSE_EVIDENCE * 1000 / chunk_ms))
+        self._runs: _Runs | None = _Runs()
         self._last_lag: float | None = None
         self._start = segment.first_at or 0.0
         self.seen = 0
@@ -387,12 +423,10 @@ class _Track:
         n = len(payload) // self._width
         lag = at - self._start - segment.raw_samples / self._rate
         last = self._last_lag
+        runs = self._runs
         if last is not None and lag - last >= self._threshold:
-            self._runs.append(_Run(segment.raw_samples))
-        run = self._runs[-1]
-        if lag < run.lowest:
-            run.lowest = lag
-        run.count += 1
+            runs.cut(segment.raw_samples)
+        runs.add(lag)
         self._last_lag = lag
         if n:
             self._chunk_samples = n
@@ -414,31 +448,34 @@ class _Track:
             self._sink.close()
             self._sink = None
         if segment.recorded:
-            segment.pauses = _pauses(self._runs, self._threshold, segment.rate)
-        self._runs = []
+            segment.pauses = _pauses(self._runs, self._threshold, self._evidence, segment.rate)
+        self._runs = None
 
 
-def _pauses(runs: list[_Run], threshold: float, rate: int) -> list[tuple[int, int, float]]:
+def _pauses(
+    runs: _Runs, threshold: float, evidence: int, rate: int
+) -> list[tuple[int, int, float]]:
     """The pauses to insert: ``(raw position, samples, seconds)`` (module docstring)."""
-    settled = [0.0] * len(runs)
-    after = [0] * len(runs)
+    # From the end backwards, in place: each run's settled lag (the lowest
+    # lag from it on) and the chunks from it on.
+    settled, after = runs.lowest, runs.count
     lowest, count = math.inf, 0
-    for i in range(len(runs) - 1, -1, -1):
-        lowest = min(lowest, runs[i].lowest)
-        count += runs[i].count
+    for i in range(len(settled) - 1, -1, -1):
+        lowest = min(lowest, settled[i])
+        count += after[i]
         settled[i], after[i] = lowest, count
     out = []
     level = settled[0]
     per_frame = rate // 50
-    for i in range(1, len(runs)):
-        if after[i] < PAUSE_EVIDENCE:
+    for i in range(1, len(settled)):
+        if after[i] < evidence:
             break
         excess = settled[i] - level
         if excess < threshold:
             continue
         frames = math.floor(excess / FRAME_SECONDS + 0.5)
         seconds = frames * FRAME_SECONDS
-        out.append((runs[i].position, frames * per_frame, round(seconds, 3)))
+        out.append((runs.position[i], frames * per_frame, round(seconds, 3)))
         level += seconds
     return out
 
@@ -491,7 +528,10 @@ def _segment_of(index: int, event: dict | None) -> Segment:
         event = {"segment": index, "segmentId": None, "participant": None, "product": None,
                  "audioFormat": None, "channel": "caller"}
     codec, rate, ptime = _codec_of(event.get("audioFormat"))
-    channel = event.get("channel") if event.get("channel") in ("agent", "caller") else "caller"
+    channel = event.get("channel")
+    if channel not in ("agent", "caller"):  # as the live side decides it
+        participant = event.get("participant") or {}
+        channel = "agent" if participant.get("type") == "AGENT" else "caller"
     reason = _unrecordable(codec, rate)
     return Segment(index=index, event=event, channel=channel, codec=codec, rate=rate,
                    chunk_ms=ptime, recorded=reason is None, reason=reason)
@@ -502,17 +542,8 @@ def _segment_of(index: int, event: dict | None) -> Segment:
 
 def _mix_into(buf: bytearray, pos: int, data: bytes) -> None:
     """Add ``data``'s samples to ``buf``'s from sample ``pos``, clipped to int16."""
-    mine = array("h")
-    mine.frombytes(buf[2 * pos : 2 * pos + len(data)])
-    theirs = array("h")
-    theirs.frombytes(data)
-    if _BIG_ENDIAN:
-        mine.byteswap()
-        theirs.byteswap()
-    summed = array("h", map(max, map(min, map(add, mine, theirs), repeat(32767)), repeat(-32768)))
-    if _BIG_ENDIAN:
-        summed.byteswap()
-    buf[2 * pos : 2 * pos + len(data)] = summed.tobytes()
+    end = 2 * pos + len(data)
+    buf[2 * pos : end] = g711.add_pcm16le(buf[2 * pos : end], data)
 
 
 class _Channel:
@@ -530,32 +561,39 @@ class _Channel:
         for start, _, n, index in self._spans:
             self._ends[index] = max(self._ends.get(index, 0), start + n)
         self._files: dict[int, BinaryIO] = {}
-        self._next = 0  # first span not yet over
+        self._next = 0  # first span not yet taken into _active
+        self._active: list[tuple[int, int, int, int]] = []  # spans that reach this block
         self.end = max(self._ends.values(), default=0)
 
     def block(self, begin: int, n: int) -> bytearray | None:
         """Samples ``begin`` to ``begin + n`` (little-endian int16), None if silent."""
         spans = self._spans
-        while self._next < len(spans) and spans[self._next][0] + spans[self._next][2] <= begin:
-            self._next += 1
         stop = begin + n
+        while self._next < len(spans) and spans[self._next][0] < stop:
+            self._active.append(spans[self._next])
+            self._next += 1
         buf = None
         covered: list[tuple[int, int]] = []
-        i = self._next
-        while i < len(spans) and spans[i][0] < stop:
-            start, raw, count, index = spans[i]
-            i += 1
+        for start, raw, count, index in self._active:
             lo, hi = max(start, begin), min(start + count, stop)
             if lo >= hi:
                 continue
             data = self._read(index, raw + lo - start, hi - lo)
             if buf is None:
                 buf = bytearray(2 * n)
-            if any(a < hi and lo < b for a, b in covered):
-                _mix_into(buf, lo - begin, data)
-            else:
-                buf[2 * (lo - begin) : 2 * (hi - begin)] = data
+            # Where no other segment was put yet the block holds zeros: a
+            # copy.  Only where they overlap are samples summed.
+            cursor = lo
+            for a, b in sorted(covered):
+                a, b = max(a, cursor), min(b, hi)
+                if a >= b:
+                    continue
+                buf[2 * (cursor - begin) : 2 * (a - begin)] = data[2 * (cursor - lo) : 2 * (a - lo)]
+                _mix_into(buf, a - begin, data[2 * (a - lo) : 2 * (b - lo)])
+                cursor = b
+            buf[2 * (cursor - begin) : 2 * (hi - begin)] = data[2 * (cursor - lo) :]
             covered.append((lo, hi))
+        self._active = [span for span in self._active if span[0] + span[2] > stop]
         # Done with segments that ended: their files close.
         for index in [k for k in self._files if self._ends[k] <= stop]:
             self._files.pop(index).close()
@@ -615,6 +653,102 @@ def _write_wav(
 # -- finalize ------------------------------------------------------------------
 
 
+@dataclass
+class _Events:
+    """What ``events.jsonl`` says, by stream and segment."""
+
+    streams: dict[int, dict] = field(default_factory=dict)
+    segments: dict[int, dict] = field(default_factory=dict)
+    infos: dict[int, list] = field(default_factory=dict)
+    stops: dict[int, float] = field(default_factory=dict)
+    end: dict | None = None
+
+    @classmethod
+    def read(cls, events: list[dict]) -> "_Events":
+        out = cls()
+        for ev in events:
+            kind = ev.get("event")
+            if kind == "stream":
+                out.streams.setdefault(int(ev["stream"]), {
+                    "sessionId": ev.get("sessionId"), "connectedAt": ev.get("at"), "end": None})
+            elif kind == "segment":
+                out.segments.setdefault(int(ev["segment"]), ev)
+            elif kind == "segmentInfo":
+                out.infos.setdefault(int(ev["segment"]), []).append(ev)
+            elif kind == "segmentStop":
+                out.stops.setdefault(int(ev["segment"]), ev.get("at"))
+            elif kind == "streamEnd":
+                stream = out.streams.setdefault(int(ev["stream"]), {
+                    "sessionId": None, "connectedAt": None, "end": None})
+                if stream["end"] is None:
+                    stream["end"] = ev
+            elif kind == "end":
+                out.end = ev
+        return out
+
+
+def _segments(found: _Events, scanned: dict[int, list]) -> tuple[list[Segment], int]:
+    """Every segment (of an event, or of chunks only), in start order; the recording's rate."""
+    segments = []
+    for index in sorted(set(found.segments) | set(scanned)):
+        segment = _segment_of(index, found.segments.get(index))
+        segment.records, segment.first_at, duration, size = scanned.get(index, (0, None, 0, 0))
+        if not segment.chunk_ms:
+            per_ms = (segment.rate or 8000) * _WIDTH.get(segment.codec, 1) / 1000
+            segment.chunk_ms = duration or (round(size / per_ms) if size else 0) or 20
+        segment.info = found.infos.get(index, [])
+        segment.stopped_at = found.stops.get(index)
+        segments.append(segment)
+    # The recording's rate: that of its first recordable segment that has audio.
+    rate = next((s.rate for s in segments if s.recorded and s.records), 8000)
+    for segment in segments:
+        if segment.recorded and segment.rate != rate:
+            segment.recorded = False
+            segment.reason = (f"its rate, {segment.rate} Hz, differs from the "
+                              f"recording's, {rate} Hz")
+    return segments, rate
+
+
+def _place(entry: CallSpool, segments: list[Segment], settings: Settings) -> None:
+    """Every segment's chunks into its scratch file, in one pass in arrival order."""
+    tracks: dict[int, _Track] = {}
+    for segment in segments:
+        if segment.records:
+            scratch = os.path.join(entry.path, f"{SCRATCH_PREFIX}{segment.index}{SCRATCH_SUFFIX}")
+            tracks[segment.index] = _Track(segment, settings.reorder_window,
+                                           settings.max_call_duration, scratch)
+    for index, seq, at, _, payload in read_chunks(os.path.join(entry.path, CHUNKS_FILE)):
+        track = tracks.get(index)
+        if track is None:
+            continue  # more records than the scan saw (cannot happen: nobody appends now)
+        track.order.add(seq, at, payload)
+        track.seen += 1
+        if track.seen == track.segment.records:
+            track.finish()  # its last record: its window is written and let go
+            del tracks[index]
+    for track in tracks.values():
+        track.finish()
+
+
+def _ended(entry: CallSpool, header: dict, events: list[dict], found: _Events,
+           last_chunk_at: float | None) -> tuple[str, bool, float]:
+    """endReason, complete, endedAt: as recorded, or "recovered" after a crash."""
+    if found.end is not None:
+        return found.end["reason"], bool(found.end["complete"]), found.end["at"]
+    # Left by a crash: it ended with the last thing it wrote.
+    ended_at = max(
+        [ev.get("at") or 0 for ev in events]
+        + [header.get("createdAt") or 0, last_chunk_at or 0]
+        + [
+            os.path.getmtime(os.path.join(entry.path, n))
+            for n in os.listdir(entry.path)
+            # Not the scratch files of a finalize a crash interrupted.
+            if not n.endswith((SCRATCH_SUFFIX, ".tmp"))
+        ]
+    )
+    return "recovered", False, ended_at
+
+
 def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
     """Write ``recording.wav`` and ``sidecar.json`` for a gRPC spool entry.
 
@@ -624,81 +758,21 @@ def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
     """
     header = entry.read_header()
     events = entry.read_events()
-    chunks_path = os.path.join(entry.path, CHUNKS_FILE)
+    found = _Events.read(events)
+    scanned, last_chunk_at = _scan(os.path.join(entry.path, CHUNKS_FILE))
+    segments, rate = _segments(found, scanned)
+    _place(entry, segments, settings)
 
-    streams: dict[int, dict] = {}
-    seg_events: dict[int, dict] = {}
-    infos: dict[int, list] = {}
-    stops: dict[int, float] = {}
-    end_event = None
-    for ev in events:
-        kind = ev.get("event")
-        if kind == "stream":
-            streams.setdefault(int(ev["stream"]), {"sessionId": ev.get("sessionId"),
-                                                   "connectedAt": ev.get("at"), "end": None})
-        elif kind == "segment":
-            seg_events.setdefault(int(ev["segment"]), ev)
-        elif kind == "segmentInfo":
-            infos.setdefault(int(ev["segment"]), []).append(ev)
-        elif kind == "segmentStop":
-            stops.setdefault(int(ev["segment"]), ev.get("at"))
-        elif kind == "streamEnd":
-            stream = streams.setdefault(int(ev["stream"]), {"sessionId": None,
-                                                            "connectedAt": None, "end": None})
-            if stream["end"] is None:
-                stream["end"] = ev
-        elif kind == "end":
-            end_event = ev
-
-    scanned, last_chunk_at = _scan(chunks_path)
-    segments: dict[int, Segment] = {}
-    for index in sorted(set(seg_events) | set(scanned)):
-        segment = _segment_of(index, seg_events.get(index))
-        records, first_at, duration, size = scanned.get(index, (0, None, 0, 0))
-        segment.records, segment.first_at, segment.first_payload = records, first_at, size
-        if not segment.chunk_ms:
-            per_ms = (segment.rate or 8000) * _WIDTH.get(segment.codec, 1) / 1000
-            segment.chunk_ms = duration or (round(size / per_ms) if size else 0) or 20
-        segment.info = infos.get(index, [])
-        segment.stopped_at = stops.get(index)
-        segments[index] = segment
-
-    # The recording's rate: its first recordable segment's that has audio.
-    rate = next((s.rate for s in segments.values() if s.recorded and s.records), 8000)
-    for segment in segments.values():
-        if segment.recorded and segment.rate != rate:
-            segment.recorded = False
-            segment.reason = (f"its rate, {segment.rate} Hz, differs from the "
-                              f"recording's, {rate} Hz")
-
-    # Place every segment into its scratch file, in one pass in arrival order.
-    tracks: dict[int, _Track] = {}
-    for segment in segments.values():
-        if segment.records:
-            scratch = os.path.join(entry.path, f"{SCRATCH_PREFIX}{segment.index}{SCRATCH_SUFFIX}")
-            tracks[segment.index] = _Track(segment, settings.reorder_window,
-                                           settings.max_call_duration, scratch)
-    try:
-        for index, seq, at, _, payload in read_chunks(chunks_path):
-            track = tracks.get(index)
-            if track is None:
-                continue  # written after the scan (cannot happen: nobody appends now)
-            track.order.add(seq, at, payload)
-            track.seen += 1
-            if track.seen == track.segment.records:
-                track.finish()  # its last record: free its window now
-                del tracks[index]
-    finally:
-        for track in tracks.values():
-            track.finish()
-
-    recorded = [s for s in segments.values() if s.recorded and s.raw_samples]
+    # Sample 0 is the first arrival of recorded audio; offsets in whole frames.
+    recorded = [s for s in segments if s.recorded and s.raw_samples]
     origin = min((s.first_at for s in recorded), default=None)
-    per_frame = rate // 50
-    for segment in segments.values():
+    for segment in segments:
         if segment.first_at is not None and origin is not None:
-            frames = math.floor((segment.first_at - origin) / FRAME_SECONDS + 0.5)
-            segment.offset = max(0, frames) * per_frame
+            # As for WebSocket perspectives: within one frame of the first
+            # audio is sample 0, later is rounded to whole frames.
+            delta = segment.first_at - origin
+            frames = 0 if delta < FRAME_SECONDS else round(delta / FRAME_SECONDS)
+            segment.offset = frames * (rate // 50)
 
     by_channel = {c: [s for s in recorded if s.channel == c] for c in ("agent", "caller")}
     left = _Channel(by_channel[settings.channel_map[0]])
@@ -716,35 +790,18 @@ def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
         right.close()
     os.replace(tmp, wav_path)
 
-    if end_event is not None:
-        reason, complete, ended_at = (end_event["reason"], bool(end_event["complete"]),
-                                      end_event["at"])
-    else:
-        # Left by a crash: it ended with the last thing it wrote.
-        reason, complete = "recovered", False
-        ended_at = max(
-            [ev.get("at") or 0 for ev in events]
-            + [header.get("createdAt") or 0, last_chunk_at or 0]
-            + [
-                os.path.getmtime(os.path.join(entry.path, n))
-                for n in os.listdir(entry.path)
-                if not n.endswith((SCRATCH_SUFFIX, ".tmp"))
-            ]
-        )
-
-    first_media_at = min((s.first_at for s in segments.values() if s.first_at is not None),
-                         default=None)
-    ordered = [segments[i] for i in sorted(segments)]
-    start = first_media_at if first_media_at is not None else header["connectedAt"]
-    fields = keys.grpc_key_fields(header.get("metadata") or {}, [s.event for s in ordered],
+    reason, complete, ended_at = _ended(entry, header, events, found, last_chunk_at)
+    first_media_at = min((s.first_at for s in segments if s.first_at is not None), default=None)
+    start = first_media_at if first_media_at is not None else (
+        header.get("connectedAt") or header.get("createdAt") or 0.0)
+    fields = keys.grpc_key_fields(header.get("metadata") or {}, [s.event for s in segments],
                                   start, header["callId"], header["sessionId"])
-    key = keys.format_key(settings.key_template, fields)
     sidecar = {
         "schema": SCHEMA,
         "source": SOURCE,
         "callId": header["callId"],
         "sessionId": header["sessionId"],
-        "key": key,
+        "key": keys.format_key(settings.key_template, fields),
         "metadata": header.get("metadata"),
         "query": header.get("query") or {},
         "audio": {
@@ -756,8 +813,10 @@ def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
             "bytes": size,
             "sha256": digest.hexdigest(),
         },
-        "streams": [_stream_side(streams[n], ended_at, reason) for n in sorted(streams)],
-        "segments": [_segment_side(s) for s in ordered],
+        "streams": [
+            _stream_side(found.streams[n], ended_at, reason) for n in sorted(found.streams)
+        ],
+        "segments": [_segment_side(s) for s in segments],
         "timing": {
             "connectedAt": rfc3339(header.get("connectedAt")),
             "firstMediaAt": rfc3339(first_media_at),
@@ -771,7 +830,8 @@ def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
     write_json_atomic(os.path.join(entry.path, SIDECAR_FILE), sidecar)
     # The WAV and sidecar now carry everything: drop the working files.
     for name in os.listdir(entry.path):
-        if name == CHUNKS_FILE or (name.startswith(SCRATCH_PREFIX) and name.endswith(SCRATCH_SUFFIX)):
+        scratch = name.startswith(SCRATCH_PREFIX) and name.endswith(SCRATCH_SUFFIX)
+        if name == CHUNKS_FILE or scratch:
             os.unlink(os.path.join(entry.path, name))
     return sidecar
 
@@ -806,8 +866,8 @@ def _segment_side(segment: Segment) -> dict:
         "reordered": stats.reordered,
         "late": stats.late,
         "outOfRange": stats.out_of_range,
-        "firstSeq": stats.first_seq,
-        "lastSeq": stats.last_seq,
+        "firstSeq": None if stats.first_seq is None else stats.first_seq % _SEQ_MOD,
+        "lastSeq": None if stats.last_seq is None else stats.last_seq % _SEQ_MOD,
         "offsetSamples": segment.offset,
         "samples": segment.samples if segment.recorded else 0,
         "pauses": [

@@ -29,7 +29,7 @@ A dialog ends, and goes to the archiver, when
   new stream, "stop", complete;
 * every stream has closed otherwise: after ``reconnect_grace`` without a new
   stream, "disconnect", incomplete;
-* no event came for ``idle_timeout``: "timeout";
+* no event came for ``idle_timeout`` while a stream is open: "timeout";
 * it has run for ``max_call_duration``: "max-duration";
 * the recorder shuts down: "shutdown".
 
@@ -42,9 +42,14 @@ Decisions where the contract is silent (also in README.rst):
 
 * A SegmentStop for a segment already stopped changes nothing (a repeat).
   SegmentInfo after a segment's SegmentStop is kept: it is about the segment.
-* The ``end`` event's time is when the dialog ended, as for WebSocket calls:
-  for "stop" and "disconnect" that is the grace after the last stream
-  closed; each stream's own end is its ``streamEnd`` event.
+* The ``end`` event's time (the sidecar's ``endedAt``) of a dialog that
+  ended after the grace ("stop", "disconnect") is when its last stream
+  closed: the grace is the recorder's wait, not part of the call.  (A
+  WebSocket call's "disconnect" is stamped at the end of its grace, as
+  before.)
+* At shutdown, a dialog whose streams had all closed (it was waiting the
+  grace) ends as it would have after the grace ("stop" or "disconnect"), not
+  "shutdown": nothing of it was cut.
 * Events for a stream that is no longer part of the recording (it ended, or
   the dialog did) are refused as "precondition".
 """
@@ -55,7 +60,7 @@ from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
-from evrecorder.chunkfile import MAX_PAYLOAD, MAX_SEGMENTS, MAX_SEQ
+from evrecorder.chunkfile import CHUNK_RECORD, MAX_PAYLOAD, MAX_SEGMENTS, MAX_SEQ
 from evrecorder.errors import CallRejected
 from evrecorder.recording import Connection, Recording, spool_rejection
 from evrecorder.spool import CallSpool
@@ -68,6 +73,7 @@ log = Logger()
 #: First element of a dialog's key in :attr:`CallRegistry.calls`, which
 #: tells it from a WebSocket call's (callId, sessionId).
 DIALOG_KEY = "grpc"
+_pack_record = CHUNK_RECORD.pack
 CHANNELS = ("agent", "caller")
 
 
@@ -125,13 +131,14 @@ class Dialog(Recording):
         self._segments: list[_Segment] = []
         self._running = 0  # segments started and not stopped
         self._last_closed_normally = False
+        self._last_closed_at = connected_at
         self.streams_joined = 0
         # Counted here, plain ints by channel: the metrics read them at
         # scrape time and take them in when the dialog ends.
         self.chunks_by_channel = dict.fromkeys(CHANNELS, 0)
         self.bytes_by_channel = dict.fromkeys(CHANNELS, 0)
         self._track(self.chunks_by_channel, self.bytes_by_channel)
-        self._append_chunk = spool.append_chunk
+        self._buffer = spool.buffer
         self._schedule()
 
     @property
@@ -180,13 +187,40 @@ class Dialog(Recording):
         self._last_activity = now
         if not self._streams and not self.ended:
             self._last_closed_normally = not cancelled
+            self._last_closed_at = at
             self._detached_at = now
             self._schedule()
+
+    def _deadline(self) -> tuple[float, str]:
+        if self._detached_at is None:
+            return super()._deadline()
+        # Every stream closed: the grace decides, not the idle timeout (a
+        # dialog that ended well must not become "timeout" when
+        # --idle-timeout is set shorter than --reconnect-grace).
+        s = self._settings
+        return min(
+            (self._detached_at + s.reconnect_grace, self._grace_reason()),
+            (self.created_at + s.max_call_duration, "max-duration"),
+        )
 
     def _grace_reason(self) -> str:
         if self._last_closed_normally and not self._running:
             return "stop"
         return "disconnect"
+
+    def end(self, reason: str) -> None:
+        if reason == "shutdown" and not self._streams and self._detached_at is not None:
+            # Every stream had closed: the dialog is over but for a reconnect,
+            # which a recorder shutting down refuses anyway.
+            reason = self._grace_reason()
+        super().end(reason)
+
+    def _end_time(self, reason: str) -> float:
+        # Ended after the grace: the dialog ended when its last stream did
+        # (the grace is the recorder's wait, not part of the call).
+        if self._detached_at is not None and reason in ("stop", "disconnect"):
+            return self._last_closed_at
+        return self._clock.seconds()
 
     def _deadline_passed(self, reason: str) -> None:
         if reason == "stop":
@@ -313,7 +347,11 @@ class Dialog(Recording):
         if segment.stopped or size > MAX_PAYLOAD or not 0 <= seq <= MAX_SEQ:
             self._bad_media(conn, segment, seq, size)
         self._last_activity = at
-        self._append_chunk(segment.index, seq, at, duration_ms, payload)
+        # As CallSpool.append_chunk, without the call.
+        buf = self._buffer
+        buf += _pack_record(segment.index, seq, at,
+                            duration_ms if duration_ms < 0xFFFF else 0xFFFF, size)
+        buf += payload
         channel = segment.channel
         self.chunks_by_channel[channel] += 1
         self.bytes_by_channel[channel] += size

@@ -2,6 +2,8 @@
 
 Runs in a worker thread (it reads and writes whole files), on a call whose
 spool nobody appends to any more: one that ended, or one left by a crash.
+A gRPC dialog's entry (``"source": "grpc"`` in ``call.json``) goes to
+:mod:`evrecorder.assemble`; what follows is a WebSocket call's.
 
 1. ``call.frames`` (both perspectives, arrival order) is cut into one
    scratch file per perspective, ``<Perspective>.split``
@@ -36,6 +38,7 @@ from evrecorder.assemble import finalize_grpc
 from evrecorder.framefile import read_runs, split
 from evrecorder.placement import FRAME_BYTES, SHORT_RUN, PerspectiveStats, Placer
 from evrecorder.settings import PERSPECTIVE_OF, PERSPECTIVES, ROLE_OF, Settings
+from evrecorder.sidecar import SCHEMA, rfc3339  # noqa: F401 (the archiver imports them here)
 from evrecorder.spool import (
     CALL_FRAMES_FILE,
     FRAMES_SUFFIX,
@@ -44,8 +47,6 @@ from evrecorder.spool import (
     CallSpool,
     write_json_atomic,
 )
-
-from evrecorder.sidecar import SCHEMA, rfc3339  # noqa: F401 (the archiver's names)
 
 PLACED_SUFFIX = ".placed"
 SPLIT_SUFFIX = ".split"

@@ -117,6 +117,10 @@ class Recording:
         """The recording ends: the connections still open, forgotten here."""
         raise NotImplementedError
 
+    def _end_time(self, reason: str) -> float:
+        """When the recording ended, for its ``end`` event: now."""
+        return self._clock.seconds()
+
     def _grace_reason(self) -> str:
         """The endReason when no connection came back within the grace."""
         return "disconnect"
@@ -125,7 +129,7 @@ class Recording:
         if self.ended:
             return
         self.end_reason = reason
-        self.ended_at = self._clock.seconds()
+        self.ended_at = self._end_time(reason)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

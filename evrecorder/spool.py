@@ -205,6 +205,12 @@ class CallSpool:
         """Bytes collected and not written yet."""
         return len(self._pending)
 
+    @property
+    def buffer(self) -> bytearray:
+        """What :meth:`flush` writes, the same object for the entry's life: a
+        hot path may append whole records to it (as :meth:`append_chunk` does)."""
+        return self._pending
+
     def flush(self) -> None:
         """Hand every collected frame to the kernel, in one ``write``: from
         then on it survives a crash of this process."""

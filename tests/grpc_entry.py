@@ -150,6 +150,20 @@ def decode(payload: bytes, codec: str) -> list[int]:
     return list(samples)
 
 
+def encode_ulaw(samples: list[int]) -> bytes:
+    """Linear samples to mu-law with the reference encoder (Sun's g711.c, as audioop),
+    transcribed here, not evrecorder's code.  (sox's encoder rounds differently at
+    segment edges.)"""
+    ends = (0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF)
+    out = bytearray()
+    for s in samples:
+        pcm, mask = (s >> 2, 0xFF) if s >= 0 else (-(s >> 2), 0x7F)
+        pcm = min(pcm, 8159) + 33
+        seg = next((i for i, e in enumerate(ends) if pcm <= e), 8)
+        out.append(0x7F ^ mask if seg == 8 else ((seg << 4) | ((pcm >> (seg + 1)) & 0xF)) ^ mask)
+    return bytes(out)
+
+
 def sox_decode(payload: bytes, codec: str) -> list[int]:
     """G.711 bytes decoded by sox (the second independent decoder)."""
     samples = array.array("h")

@@ -115,8 +115,9 @@ def test_a_dialog_writes_header_events_and_chunks_as_the_contract_says(tmp_path)
 
     clock.advance(d._settings.reconnect_grace)
     assert ended == [d] and d.end_reason == "stop" and d.complete and reg.calls == {}
+    # Stamped when the last stream closed: the grace is the recorder's wait.
     assert events(d)[-1] == {"event": "end", "reason": "stop", "complete": True,
-                             "at": clock.seconds()}
+                             "at": T0 + 0.7}
     assert conn.ended == []  # its stream had closed: the door answered it already
 
 
@@ -258,7 +259,7 @@ def test_cancel_ends_disconnect_after_the_grace(tmp_path):
     assert d.end_reason == "disconnect" and not d.complete and ended == [d]
     assert events(d)[-2:] == [
         {"event": "streamEnd", "stream": 0, "at": T0, "reason": "disconnect", "detail": None},
-        {"event": "end", "reason": "disconnect", "complete": False, "at": T0 + 10},
+        {"event": "end", "reason": "disconnect", "complete": False, "at": T0},
     ]
     assert conn.ended == []
 
@@ -360,6 +361,20 @@ def test_idle_timeout_ends_the_dialog_and_its_open_streams(tmp_path):
     refused("precondition", d.segment_media, a, "x", 2, 100, b"\x01", now)
 
 
+def test_the_grace_not_the_idle_timeout_ends_a_dialog_without_streams(tmp_path):
+    """With idle_timeout shorter than the grace, a dialog whose streams closed still waits the grace."""
+    clock, reg, ended = make_registry(tmp_path / "spool", idle_timeout=2.0, reconnect_grace=5.0)
+    conn = FakeConn()
+    d = join(reg, conn)
+    d.segment_start(conn, "a", AGENT, None, None, T0)
+    d.segment_stop(conn, "a", T0)
+    d.stream_closed(conn, cancelled=False, at=T0)
+    clock.advance(4.9)
+    assert not d.ended
+    clock.advance(0.1)
+    assert d.end_reason == "stop" and d.complete
+
+
 def test_max_duration_cuts_the_dialog(tmp_path):
     """A dialog that keeps streaming is cut at max_call_duration ("max-duration")."""
     clock, reg, ended = make_registry(tmp_path / "spool", max_call_duration=60.0)
@@ -385,6 +400,25 @@ def test_end_all_shuts_dialogs_and_calls_down(tmp_path):
     assert conn.ended == [(1001, "call ended: shutdown")]
     assert events(d)[-1] == {"event": "end", "reason": "shutdown", "complete": False,
                              "at": clock.seconds()}
+
+
+def test_shutdown_during_the_grace_keeps_a_finished_dialog_complete(tmp_path):
+    """A dialog waiting the grace after a complete stream ends "stop" at shutdown; a cancelled one "disconnect"."""
+    clock, reg, ended = make_registry(tmp_path / "spool", reconnect_grace=10.0)
+    good, bad = FakeConn(), FakeConn()
+    done = join(reg, good, "d1")
+    done.segment_start(good, "a", AGENT, None, None, T0)
+    done.segment_stop(good, "a", T0)
+    done.stream_closed(good, cancelled=False, at=T0 + 1)
+    cut = join(reg, bad, "d2")
+    cut.segment_start(bad, "a", AGENT, None, None, T0)
+    cut.stream_closed(bad, cancelled=True, at=T0 + 2)
+    clock.advance(3)
+    reg.end_all("shutdown")
+    assert (done.end_reason, done.complete, cut.end_reason) == ("stop", True, "disconnect")
+    assert events(done)[-1] == {"event": "end", "reason": "stop", "complete": True, "at": T0 + 1}
+    assert events(cut)[-1] == {"event": "end", "reason": "disconnect", "complete": False,
+                               "at": T0 + 2}
 
 
 # -- capacity and keys -----------------------------------------------------------
@@ -452,6 +486,41 @@ def test_a_flush_to_a_descriptor_gone_bad_is_internal_and_keeps_the_rest(tmp_pat
     assert [c[1] for c in chunks(d)] == [0, 1]
 
 
+def test_a_stream_whose_start_cannot_be_written_does_not_join(tmp_path):
+    """If a joining stream's event cannot be written, it is refused ("internal") and not attached."""
+    clock, reg, _ = make_registry(tmp_path / "spool")
+    first, second = FakeConn(), FakeConn()
+    d = join(reg, first)
+    os.close(d.spool._events_fd)  # the descriptor is closed underneath
+    try:
+        assert "cannot write" in refused("internal", join, reg, second, "d1", "s2")
+    finally:
+        d.spool._events_fd = None
+    refused("precondition", d.segment_start, second, "x", CONTACT, None, None, T0)
+    assert join(reg, second, session_id="s2") is d  # the door may try again: stream 1
+    assert [e["stream"] for e in events(d) if e["event"] == "stream"] == [0, 1]
+
+
+def test_a_new_dialog_whose_first_event_fails_leaves_nothing(tmp_path, monkeypatch):
+    """A new dialog whose first event cannot be written is refused and its entry removed."""
+    import errno
+
+    from evrecorder.spool import CallSpool
+
+    clock, reg, ended = make_registry(tmp_path / "spool")
+
+    def full(self, event):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CallSpool, "append_event", full)
+    assert refused("internal", join, reg, FakeConn()) == "the recorder's spool is full"
+    monkeypatch.undo()
+    assert entries(reg) == [] and reg.calls == {} and ended == []
+    assert reg.metrics._live == {}
+    clock.advance(reg.settings.max_call_duration)  # its timer is gone too
+    assert ended == []
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 256 KiB tmpfs, so the spool really fills up (ENOSPC)."""
@@ -504,3 +573,43 @@ def test_a_dialog_on_a_full_spool_is_refused_and_nothing_is_kept(small_tmpfs):
     conn = FakeConn()
     assert refused("internal", join, reg, conn) == "the recorder's spool is full"
     assert entries(reg) == [] and reg.calls == {} and ended == []
+
+
+def test_append_chunk_collects_exactly_pack_chunk_records(tmp_path):
+    """CallSpool.append_chunk collects chunkfile.pack_chunk's bytes and writes them to call.chunks."""
+    clock, reg, _ = make_registry(tmp_path / "spool")
+    d = join(reg, FakeConn())
+    d.spool.append_chunk(3, 2**32 - 1, T0 + 0.25, 100, b"\x7f" * 160)
+    d.spool.append_chunk(0, 0, T0, 0x1FFFF, b"")
+    assert bytes(d.spool.buffer) == (pack_chunk(3, 2**32 - 1, T0 + 0.25, 100, b"\x7f" * 160)
+                                     + pack_chunk(0, 0, T0, 0x1FFFF, b""))
+    d.flush()
+    assert d.spool.pending == 0
+    assert chunks(d) == [(3, 2**32 - 1, T0 + 0.25, 100, b"\x7f" * 160), (0, 0, T0, 0xFFFF, b"")]
+
+
+# -- the WebSocket door's mapping ------------------------------------------------
+
+def test_a_relayed_join_at_capacity_is_refused_with_1013(tmp_path):
+    """The relay's owner side maps the core's "capacity" refusal to close code 1013, as before."""
+    import struct
+
+    import orjson
+    from twisted.internet.testing import StringTransport
+
+    from evrecorder.relay import RelayServerFactory
+
+    clock, reg, _ = make_registry(tmp_path / "spool", max_calls=1)
+    join(reg, FakeConn())  # a dialog takes the only slot
+    proto = RelayServerFactory(reg).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    msg = b"J" + orjson.dumps({"callId": "c1", "sessionId": "1", "metadata": {}, "query": {},
+                               "connectedAt": T0})
+    proto.dataReceived(struct.pack(">I", len(msg)) + msg)
+    out = transport.value()
+    (size,) = struct.unpack_from(">I", out)
+    reply = out[4:4 + size]
+    assert reply[:1] == b"E" and struct.unpack_from(">H", reply, 1) == (1013,)
+    assert reply[3:] == b"at capacity (1 calls)"
+    assert transport.disconnecting

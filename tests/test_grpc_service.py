@@ -280,3 +280,44 @@ async def test_metrics_carry_the_door(recorder_factory):
     assert metric(text, "evrecorder_grpc_streams_total") == 2
 
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_timeout_ends_the_stream(recorder_factory):
+    """A stream that sends nothing for --idle-timeout ends with DEADLINE_EXCEEDED; the dialog is "timeout"."""
+    rec = await recorder_factory(grpc_listen=True, reconnect_grace=GRACE, idle_timeout=0.5)
+    contact = chunks(3, 26)
+    s = OpenStream(rec.grpc_port)
+    s.send(*dialog_events("quiet", contact, [], stop=False))
+    assert await deferToThread(s.result) == (grpc.StatusCode.DEADLINE_EXCEEDED, "call ended: timeout")
+    [sidecar] = await rec.archived()
+    assert sidecar["endReason"] == "timeout" and sidecar["complete"] is False
+    assert read_pcm16_wav(sidecar["_wav"])[1] == independent_decode(b"".join(contact))
+
+
+@pytest_twisted.ensureDeferred
+async def test_so_reuseport_only_with_reuse_port(recorder_factory, tmp_path):
+    """Without --reuse-port a second recorder cannot take the gRPC port; with it, both listen."""
+    from evrecorder.service import ListenError
+    from test_process import free_port
+
+    port = free_port()
+    spec = f"tcp:{port}:interface=127.0.0.1"
+    from conftest import Recorder
+
+    await recorder_factory(grpc_listen=spec, subdir="a")
+    (tmp_path / "b").mkdir()
+    second = Recorder(tmp_path / "b", grpc_listen=spec)
+    try:
+        await second.start()
+    except ListenError as e:
+        assert str(e) == f"cannot listen on {spec}: port {port} is already in use"
+    else:
+        raise AssertionError("a second recorder took the port without --reuse-port")
+    finally:
+        await second.stop()  # what did start (the archiver) stops
+    port = free_port()
+    spec = f"tcp:{port}:interface=127.0.0.1"
+    one = await recorder_factory(grpc_listen=spec, subdir="c", reuse_port=True)
+    two = await recorder_factory(grpc_listen=spec, subdir="d", reuse_port=True)
+    assert one.grpc_port == two.grpc_port == port
