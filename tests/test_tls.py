@@ -474,8 +474,7 @@ def test_ssl_strings_parse_as_twisted_parses_them(spec):
 
 @pytest_twisted.ensureDeferred
 async def test_sighup_to_twistd_reloads_both_doors_mid_call(tmp_path):
-    """twistd, SIGHUP mid-call: both doors serve the renewed certificate, a broken pair is refused,
-    the wss call and the gRPC stream in progress record exactly."""
+    """twistd, SIGHUP mid-call: both doors serve the new certificate, refuse a bad pair, record exactly."""
     import json
 
     import grpc
