@@ -376,3 +376,21 @@ def test_parse_endpoint():
     with pytest.raises(ValueError, match="port must be a number"):
         parse_endpoint("tcp:http")
 
+
+
+def test_grpc_listen_option(tmp_path):
+    """--grpc-listen is repeatable and kept as given; a value that cannot work is a UsageError sentence."""
+    from twisted.python import usage
+
+    from evrecorder.tap import Options
+
+    o = Options()
+    o.parseOptions(["--spool", str(tmp_path / "s"), "--archive", str(tmp_path / "a"),
+                    "--grpc-listen", "tcp:10443", "--grpc-listen", "tcp:0:interface=127.0.0.1"])
+    assert o["grpc-listen"] == ["tcp:10443", "tcp:0:interface=127.0.0.1"]
+    assert o["listen"] == ["tcp:3333"]  # the WebSocket door keeps its default beside it
+    with pytest.raises(usage.UsageError) as e:
+        Options().parseOptions(["--grpc-listen", "unix:/tmp/x"])
+    assert str(e.value).startswith("--grpc-listen unix:/tmp/x: a gRPC endpoint is tcp:PORT")
+    assert Options()["grpc-listen"] == []
+
