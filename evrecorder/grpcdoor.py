@@ -42,6 +42,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from evrecorder import tlsconfig
 from evrecorder.errors import CallRejected
 from evrecorder.logs import RateLimit
 from evrecorder.grpcapi import streaming_pb2 as pb
@@ -108,6 +109,8 @@ class GrpcEndpoint:
     private_key: str | None = None
     cert_key: str | None = None
     extra_cert_chain: str | None = None
+    certificate: tlsconfig.ServerTLS | None = None
+    """The key, certificate and chain, checked; SIGHUP reloads them (evrecorder.tlsconfig)."""
 
     @property
     def tls(self) -> bool:
@@ -121,22 +124,10 @@ class GrpcEndpoint:
         return f"{host}:{self.port}"
 
     def credentials(self) -> grpc.ServerCredentials | None:
-        """TLS credentials from the key and certificate files (read now)."""
+        """TLS credentials that serve the current certificate (new handshakes after a reload)."""
         if not self.tls:
             return None
-        key = _read(self.private_key, "privateKey")
-        chain = _read(self.cert_key, "certKey")
-        if self.extra_cert_chain:
-            chain = chain.rstrip(b"\n") + b"\n" + _read(self.extra_cert_chain, "extraCertChain")
-        return grpc.ssl_server_credentials([(key, chain)])
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ValueError(f"{what} {path} cannot be read: {e.strerror}") from None
+        return tlsconfig.grpc_server_credentials(self.certificate)
 
 
 def _split(spec: str) -> list[str]:
@@ -157,9 +148,11 @@ def _split(spec: str) -> list[str]:
     return parts
 
 
-def parse_endpoint(spec: str) -> GrpcEndpoint:
+def parse_endpoint(spec: str, clock=None) -> GrpcEndpoint:
     """``tcp:PORT[:interface=IP]`` or ``ssl:PORT:privateKey=K[:certKey=C]
-    [:extraCertChain=F][:interface=IP]``; ValueError says what is wrong."""
+    [:extraCertChain=F][:interface=IP]``; ValueError says what is wrong.
+
+    ``clock`` (the reactor) dates the check that the certificate has not expired."""
     kind, *rest = _split(spec)
     if kind not in ("tcp", "ssl"):
         raise ValueError("a gRPC endpoint is tcp:PORT[:interface=IP] or ssl:PORT:privateKey=K:certKey=C")
@@ -193,7 +186,10 @@ def parse_endpoint(spec: str) -> GrpcEndpoint:
         ep.private_key = named["privateKey"]
         ep.cert_key = named.get("certKey") or ep.private_key  # as Twisted's ssl: does
         ep.extra_cert_chain = named.get("extraCertChain")
-        ep.credentials()  # the files must be readable now, not at the first call
+        # Read and checked now, not at the first call; TLSError is a ValueError.
+        ep.certificate = tlsconfig.ServerTLS(
+            f"gRPC ssl:{port}", ep.private_key, ep.cert_key, ep.extra_cert_chain, clock=clock,
+        )
     return ep
 
 

@@ -15,13 +15,13 @@ import resource
 import sys
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.logger import Logger, LogLevel
 from twisted.python import log as legacy_log
 
-from evrecorder import __version__, relay
+from evrecorder import __version__, relay, tlsconfig
 from evrecorder.archiver import Archiver
 from evrecorder.call import CallRegistry
 from evrecorder.dialog import DIALOG_KEY
@@ -161,10 +161,18 @@ class RecorderService(service.MultiService):
     def __init__(
         self, settings: Settings, store: Store, reactor, listen: list[str] = (),
         metrics_listen: list[str] = (), grpc_listen: list[str] = (),
+        reload_on_sighup: bool = False,
     ):
         super().__init__()
         self.settings = settings
         self._reactor = reactor
+        self.tls: list[tlsconfig.ServerTLS] = []  # every TLS listener's certificate
+        watch = TimerService(tlsconfig.WATCH_SECONDS, self._watch_tls)  # renewal without SIGHUP
+        watch.clock = reactor
+        watch.setServiceParent(self)
+        if reload_on_sighup:  # twistd only (tests call reload_tls); from now, not from the
+            # start of the service: SIGHUP's default action would end the process.
+            tlsconfig.reload_on_sighup(reactor, self.reload_tls)
         self.metrics = Metrics()
         self.spool = Spool(settings.spool)
         self.archiver = Archiver(self.spool, store, settings, reactor, metrics=self.metrics)
@@ -207,11 +215,25 @@ class RecorderService(service.MultiService):
         if self.grpc is None:
             self.grpc = GrpcDoor(self.registry, self.settings, self._reactor, [])
             self.grpc.setServiceParent(self)
-        self.grpc.endpoints.append(parse_endpoint(spec))
+        endpoint = parse_endpoint(spec, clock=self._reactor)
+        self.grpc.endpoints.append(endpoint)
+        if endpoint.certificate is not None:  # a certificate that SIGHUP reloads
+            self.tls.append(endpoint.certificate)
+            log.info("{listener} serves {certificate}.", listener=endpoint.certificate.name,
+                     certificate=endpoint.certificate.credentials.describe())
         return self.grpc
 
     def add_listener(self, spec: str, factory=None, reactor=None) -> StreamServerEndpointService:
-        endpoint = serverFromString(reactor or self._listen_reactor, spec)
+        if tlsconfig.is_ssl(spec):  # a certificate that SIGHUP reloads
+            endpoint, tls = tlsconfig.ssl_endpoint(
+                reactor or self._listen_reactor, spec,
+                self.settings.tls_ciphers or tlsconfig.CIPHERS, clock=self._reactor,
+            )
+            self.tls.append(tls)
+            log.info("{listener} serves {certificate}.", listener=tls.name,
+                     certificate=tls.credentials.describe())
+        else:
+            endpoint = serverFromString(reactor or self._listen_reactor, spec)
         svc = _Listener(spec, endpoint, factory or self.factory)
         svc.setServiceParent(self)
         self.listeners.append(svc)
@@ -224,6 +246,17 @@ class RecorderService(service.MultiService):
         return self.add_listener(
             spec, MetricsSite(site_root(self.metrics, self.not_ready)), reactor=self._reactor
         )
+
+    def reload_tls(self) -> bool:
+        """Re-read every TLS listener's key and certificate (SIGHUP); True if all were served."""
+        return tlsconfig.reload_all(self.tls)
+
+    def _watch_tls(self) -> None:
+        for tls in list(self.tls):
+            try:
+                tls.poll()
+            except Exception:
+                log.failure("looking at the TLS files of {listener} failed", listener=tls.name)
 
     def _relay_conns(self) -> list:
         """The relay connections siblings have open to this process (tests, debugging)."""

@@ -44,6 +44,9 @@ class Settings:
     log_phone_numbers: bool = False
     reuse_port: bool = False
     """Listen with SO_REUSEPORT: several processes (sharing the spool) on one port."""
+    tls_ciphers: str | None = None
+    """TLS 1.2 cipher suites (OpenSSL cipher string) of every TLS listener; None: the
+    profile in :mod:`evrecorder.tlsconfig` (AEAD and ECDHE only)."""
     retry_initial: float = 1.0
     retry_max: float = 300.0
     s3: dict = field(default_factory=dict)

@@ -7,7 +7,7 @@ import sys
 
 from twisted.python import usage
 
-from evrecorder import __version__, keys, wav
+from evrecorder import __version__, keys, tlsconfig, wav
 from evrecorder.settings import ROLE_OF, Settings
 from evrecorder.s3store import MAX_PREFIX_BYTES
 from evrecorder.stores import store_from_url
@@ -81,6 +81,9 @@ class Options(usage.Options):
         ["object-lock-days", None, None,
          "Days each recording is retained from its upload; without it, the bucket's "
          "default retention."],
+        ["tls-ciphers", None, None,
+         "TLS 1.2 cipher suites of every ssl: listener, an OpenSSL cipher string "
+         "(default: AEAD with ECDHE only, Mozilla intermediate; README.rst, TLS)."],
     ]
 
     optFlags = [
@@ -149,6 +152,13 @@ class Options(usage.Options):
     def postOptions(self):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["tls-ciphers"] is not None:
+            try:
+                tlsconfig.check_ciphers(self["tls-ciphers"])
+            except tlsconfig.TLSError as e:
+                raise usage.UsageError(f"--tls-ciphers: {e}.") from None
+        # Before the gRPC door loads grpcio, which reads it only then.
+        tlsconfig.set_grpc_ciphers(self["tls-ciphers"] or tlsconfig.CIPHERS)
         for name in ("listen", "metrics"):
             for spec in self[name]:
                 _check_endpoint(name, spec)
@@ -262,6 +272,7 @@ class Options(usage.Options):
             ready_max_queue_age=self["ready-max-queue-age"],
             log_phone_numbers=bool(self["log-phone-numbers"]),
             reuse_port=bool(self["reuse-port"]),
+            tls_ciphers=self["tls-ciphers"],
             s3=self.s3_options(),
         )
 
@@ -297,6 +308,12 @@ def _check_endpoint(option: str, spec: str) -> None:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
+    if tlsconfig.is_ssl(spec):  # key and certificates loaded and checked as the service will
+        try:
+            tlsconfig.server_tls(spec, clock=reactor)
+        except tlsconfig.TLSError as e:
+            raise usage.UsageError(f"--{option} {spec}: {e}.") from None
+        return
     try:
         serverFromString(reactor, spec)
     except KeyError as e:
@@ -334,5 +351,5 @@ def makeService(config: Options):
     quiet_listen_errors()
     return RecorderService(
         settings, store, reactor, listen=config["listen"], metrics_listen=config["metrics"],
-        grpc_listen=config["grpc-listen"],
+        grpc_listen=config["grpc-listen"], reload_on_sighup=True,
     )

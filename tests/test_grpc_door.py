@@ -370,7 +370,7 @@ def test_parse_endpoint():
     assert (ep.interface, ep.port, ep.tls, ep.address) == ("0.0.0.0", 10443, False, "0.0.0.0:10443")
     ep = parse_endpoint("tcp:port=0:interface=\\:\\:1")
     assert ep.address == "[::1]:0"
-    with pytest.raises(ValueError, match="privateKey /nonexistent cannot be read"):
+    with pytest.raises(ValueError, match="private key file /nonexistent cannot be read"):
         parse_endpoint("ssl:443:privateKey=/nonexistent")
     with pytest.raises(ValueError, match="tcp:PORT"):
         parse_endpoint("unix:/tmp/x")

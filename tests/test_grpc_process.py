@@ -68,7 +68,7 @@ def test_bad_grpc_listen_value_is_one_sentence(tmp_path):
         timeout=60,
     )
     assert out.returncode != 0
-    assert ("--grpc-listen ssl:443:privateKey=/nonexistent/key.pem: privateKey "
+    assert ("--grpc-listen ssl:443:privateKey=/nonexistent/key.pem: the private key file "
             "/nonexistent/key.pem cannot be read: No such file or directory.") in out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
 
