@@ -43,7 +43,6 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from OpenSSL import SSL
-from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.protocol import connectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -743,7 +742,6 @@ class RecorderProtocol(WebSocketServerProtocol):
         self._bad_input(1008, f"no {missing} within {seconds:g} s of the handshake")
 
 
-@implementer(IProtocolNegotiationFactory)
 class RecorderFactory(WebSocketServerFactory):
     """Builds protocols; holds what every socket shares."""
 
@@ -780,11 +778,6 @@ class RecorderFactory(WebSocketServerFactory):
         status page (nor its ``?redirect=``) for a plain GET: a 426 instead."""
         self.server = None
         self.webStatus = False
-
-    def acceptableProtocols(self) -> list[bytes]:
-        """ALPN on ``ssl:`` listeners: Twisted fails the handshake of any client
-        that offers ALPN unless the factory names a protocol it speaks."""
-        return [b"http/1.1"]
 
     def connection_made(self, proto: RecorderProtocol) -> None:
         self.sockets.add(proto)

@@ -310,9 +310,13 @@ def _check_endpoint(option: str, spec: str) -> None:
 
     if tlsconfig.is_ssl(spec):  # key and certificates loaded and checked as the service will
         try:
-            tlsconfig.server_tls(spec, clock=reactor)
+            tlsconfig.parse_ssl(spec)
         except tlsconfig.TLSError as e:
             raise usage.UsageError(f"--{option} {spec}: {e}.") from None
+        try:
+            tlsconfig.server_tls(spec, clock=reactor)
+        except tlsconfig.TLSError as e:  # the files, not the string: no usage text
+            raise CannotListen(f"--{option} {spec}: {e}.") from None
         return
     try:
         serverFromString(reactor, spec)

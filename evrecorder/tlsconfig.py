@@ -194,6 +194,9 @@ def server_context(creds: Credentials, ciphers: str = CIPHERS,
     except (SSL.Error, UnicodeEncodeError):
         raise TLSError(f"OpenSSL knows no cipher suite in {ciphers!r}") from None
     ctx.set_tls13_ciphersuites(TLS13_SUITES.encode("ascii"))
+    # Both listeners that take ssl: (WebSocket, /metrics) speak HTTP/1.1: say
+    # so to a client that offers ALPN (curl, browsers, WebSocket libraries).
+    ctx.set_alpn_select_callback(_select_http11)
     if dh_parameters:
         try:
             ctx.load_tmp_dh(dh_parameters.encode())
@@ -212,6 +215,10 @@ def server_context(creds: Credentials, ciphers: str = CIPHERS,
             f"{_openssl_reason(e)}"
         ) from None
     return ctx
+
+
+def _select_http11(connection, offered: list[bytes]):
+    return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 def _openssl_reason(error: SSL.Error) -> str:

@@ -156,8 +156,8 @@ def test_listener_that_cannot_start_is_one_sentence(tmp_path, case):
                          "be 0-65535."),
         "missing certificate": (
             f"ssl:0:privateKey={tmp_path}/key.pem",
-            f"--listen ssl:0:privateKey={tmp_path}/key.pem: the file {tmp_path}/key.pem "
-            "does not exist."),
+            f"--listen ssl:0:privateKey={tmp_path}/key.pem: the private key file "
+            f"{tmp_path}/key.pem cannot be read: No such file or directory."),
     }[case]
     with busy:
         out = subprocess.run(
@@ -185,7 +185,8 @@ def test_listener_sentence_carries_the_journal_priority_under_systemd(tmp_path):
         )
     assert out.returncode == 1
     assert err_path.read_text() == (f"<3>evrecorder: --listen ssl:0:privateKey={tmp_path}/key.pem: "
-                                    f"the file {tmp_path}/key.pem does not exist.\n")
+                                    f"the private key file {tmp_path}/key.pem cannot be read: "
+                                    "No such file or directory.\n")
 
 
 # -- logs, metrics and the HTTP surface of a real twistd --------------------------------
