@@ -98,15 +98,14 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import socket
 from array import array
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
-from evrecorder import __version__, g711, keys, wav
+from evrecorder import g711, keys, wav
 from evrecorder.chunkfile import CHUNK_RECORD, CHUNKS_FILE, read_chunks
 from evrecorder.settings import Settings
-from evrecorder.sidecar import SCHEMA, rfc3339
+from evrecorder.sidecar import SCHEMA, closing_fields, rfc3339
 from evrecorder.spool import SIDECAR_FILE, WAV_FILE, CallSpool, write_json_atomic
 
 SOURCE = "grpc"
@@ -817,15 +816,7 @@ def finalize_grpc(entry: CallSpool, settings: Settings) -> dict:
             _stream_side(found.streams[n], ended_at, reason) for n in sorted(found.streams)
         ],
         "segments": [_segment_side(s) for s in segments],
-        "timing": {
-            "connectedAt": rfc3339(header.get("connectedAt")),
-            "firstMediaAt": rfc3339(first_media_at),
-            "endedAt": rfc3339(ended_at),
-            "archivedAt": None,
-        },
-        "complete": complete,
-        "endReason": reason,
-        "recorder": {"version": __version__, "host": socket.gethostname()},
+        **closing_fields(header, first_media_at, ended_at, complete, reason),
     }
     write_json_atomic(os.path.join(entry.path, SIDECAR_FILE), sidecar)
     # The WAV and sidecar now carry everything: drop the working files.

@@ -30,15 +30,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import socket
 
-from evrecorder import __version__, keys, wav
+from evrecorder import keys, wav
 from evrecorder.assemble import SOURCE as GRPC_SOURCE
 from evrecorder.assemble import finalize_grpc
 from evrecorder.framefile import read_runs, split
 from evrecorder.placement import FRAME_BYTES, SHORT_RUN, PerspectiveStats, Placer
 from evrecorder.settings import FRAMES_PER_SECOND, PERSPECTIVE_OF, PERSPECTIVES, ROLE_OF, Settings
-from evrecorder.sidecar import SCHEMA, rfc3339  # noqa: F401 (the archiver imports them here)
+from evrecorder.sidecar import SCHEMA, closing_fields, rfc3339  # noqa: F401 (the archiver imports them here)
 from evrecorder.spool import (
     CALL_FRAMES_FILE,
     FRAMES_SUFFIX,
@@ -249,15 +248,7 @@ def finalize(
             "sha256": digest.hexdigest(),
         },
         "perspectives": perspectives,
-        "timing": {
-            "connectedAt": rfc3339(header.get("connectedAt")),
-            "firstMediaAt": rfc3339(first_media_at),
-            "endedAt": rfc3339(ended_at),
-            "archivedAt": None,
-        },
-        "complete": complete,
-        "endReason": reason,
-        "recorder": {"version": __version__, "host": socket.gethostname()},
+        **closing_fields(header, first_media_at, ended_at, complete, reason),
     }
     write_json_atomic(os.path.join(entry.path, SIDECAR_FILE), sidecar)
     # The WAV and sidecar now carry everything: drop the working files.

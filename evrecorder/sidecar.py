@@ -7,8 +7,10 @@ archiver's log line and the metrics one view of either.
 
 from __future__ import annotations
 
+import socket
 from datetime import datetime, timezone
 
+from evrecorder import __version__
 from evrecorder.settings import ROLE_OF
 
 SCHEMA = "evrecorder/1"
@@ -20,6 +22,22 @@ def rfc3339(ts: float | None) -> str | None:
         return None
     dt = datetime.fromtimestamp(ts, tz=timezone.utc)
     return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def closing_fields(header: dict, first_media_at: float | None, ended_at: float | None,
+                   complete: bool, reason: str) -> dict:
+    """The fields every sidecar ends with: timing, complete, endReason, recorder."""
+    return {
+        "timing": {
+            "connectedAt": rfc3339(header.get("connectedAt")),
+            "firstMediaAt": rfc3339(first_media_at),
+            "endedAt": rfc3339(ended_at),
+            "archivedAt": None,
+        },
+        "complete": complete,
+        "endReason": reason,
+        "recorder": {"version": __version__, "host": socket.gethostname()},
+    }
 
 
 def channel_counts(sidecar: dict) -> dict[str, dict[str, int]]:
