@@ -341,6 +341,8 @@ def _check_grpc_endpoint(spec: str) -> None:
 
     try:
         parse_endpoint(spec)
+    except tlsconfig.TLSError as e:  # the key or certificate files: no usage text
+        raise CannotListen(f"--grpc-listen {spec}: {e}.") from None
     except ValueError as e:
         raise usage.UsageError(f"--grpc-listen {spec}: {e}.") from None
 

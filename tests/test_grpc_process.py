@@ -61,15 +61,18 @@ def test_grpc_port_in_use_fails_the_start_in_one_sentence(tmp_path):
 
 
 def test_bad_grpc_listen_value_is_one_sentence(tmp_path):
-    """A --grpc-listen value that cannot work stops twistd with a sentence naming the option."""
+    """A --grpc-listen key file that is not there stops twistd with one sentence naming
+    the option, without the usage text (as for --listen)."""
     out = subprocess.run(
         TWISTD + ["-n", "evrecorder", "--grpc-listen", "ssl:443:privateKey=/nonexistent/key.pem"],
         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
         timeout=60,
     )
-    assert out.returncode != 0
+    said = out.stdout + out.stderr
+    assert out.returncode == 1, said
     assert ("--grpc-listen ssl:443:privateKey=/nonexistent/key.pem: the private key file "
-            "/nonexistent/key.pem cannot be read: No such file or directory.") in out.stdout + out.stderr
+            "/nonexistent/key.pem cannot be read: No such file or directory.") in said
+    assert "Usage:" not in said and "Traceback" not in said  # the files, not the option's form
     assert "Traceback" not in out.stdout + out.stderr
 
 
