@@ -173,6 +173,19 @@ class Dialog(Recording):
             return
         detail = error or stream.error
         reason = "stop" if not cancelled else ("error" if detail else "disconnect")
+        self._write_stream_end(stream, at, reason, detail)
+        now = self._clock.seconds()
+        self._last_activity = now
+        if not self._streams and not self.ended:
+            self._last_closed_normally = not cancelled
+            self._last_closed_at = at
+            self._detached_at = now
+            self._schedule()
+
+    def _write_stream_end(self, stream: "_Stream", at: float, reason: str,
+                          detail: str | None) -> None:
+        """The stream's ``streamEnd`` event; a failed write is one sentence (the
+        recording still ends: what is on disk is archived)."""
         try:
             self.spool.append_event(
                 {"event": "streamEnd", "stream": stream.number, "at": at, "reason": reason,
@@ -184,13 +197,6 @@ class Dialog(Recording):
                 "spool: {problem} ({strerror})",
                 call_id=self.call_id, stream=stream.number, **spool_error(e),
             )
-        now = self._clock.seconds()
-        self._last_activity = now
-        if not self._streams and not self.ended:
-            self._last_closed_normally = not cancelled
-            self._last_closed_at = at
-            self._detached_at = now
-            self._schedule()
 
     def _deadline(self) -> tuple[float, str]:
         if self._detached_at is None:
@@ -237,17 +243,7 @@ class Dialog(Recording):
     def _closing(self, reason: str) -> list[Connection]:
         now = self._clock.seconds()
         for stream in self._streams.values():
-            try:
-                self.spool.append_event(
-                    {"event": "streamEnd", "stream": stream.number, "at": now, "reason": reason,
-                     "detail": None}
-                )
-            except OSError as e:
-                log.error(
-                    "dialog {call_id}: the end of stream {stream} could not be written: "
-                    "{problem} ({strerror})",
-                    call_id=self.call_id, stream=stream.number, **spool_error(e),
-                )
+            self._write_stream_end(stream, now, reason, None)
         conns = list(self._streams)
         self._streams.clear()
         return conns
