@@ -707,7 +707,7 @@ async def test_a_full_archive_disk_delays_and_fails_readyz_then_lands(tmpfs, rec
                     what="three failed publishes")
         await sleep(0.6)
         code, text = await rec.http_get("/readyz")
-        assert code == 503 and "archive store has failed" in text
+        assert code == 503 and "archive store has failed" in text, (code, text)
         os.unlink(filler)
         [sidecar] = await rec.archived(1, timeout=20)
     left, _ = read_pcm16_wav(sidecar["_wav"])
