@@ -236,9 +236,10 @@ class CallRegistry:
         self._on_ended = on_ended
         self.calls: dict[tuple[str, str], Call] = {}
         #: Claims on calls when processes share the spool (CallOwners), and
-        #: how to reach a sibling that owns one: ``relay(conn, address, call_id,
-        #: session_id, metadata, query, connected_at)`` returns a stand-in for
-        #: the call, or raises OSError.  None: this process is alone.
+        #: how to reach a sibling that owns one: ``relay(conn, address,
+        #: dialog=False, **ids)`` returns a connected stand-in for the call
+        #: (``RemoteCall(registry, conn, **ids)``, or ``RemoteDialog`` for a
+        #: dialog), or raises OSError.  None: this process is alone.
         self.owners = None
         self.relay = None
         self.remote_calls: set = set()  # sockets relaying to a sibling right now
@@ -270,8 +271,11 @@ class CallRegistry:
             if self.owners is not None:
                 claim = self.owners.claim(call_id, session_id)
                 if not claim.owned:
-                    remote = self._relay(conn, claim.address, call_id, session_id, metadata,
-                                         query, connected_at, relayed)
+                    remote = self._relay(
+                        conn, claim.address, relayed, f"call {call_id}/{session_id}", "socket",
+                        call_id=call_id, session_id=session_id, metadata=metadata, query=query,
+                        connected_at=connected_at,
+                    )
                     if remote is not None:
                         return remote
                     claim = None  # recorded here without a claim: the owner is unreachable
@@ -333,7 +337,9 @@ class CallRegistry:
         session_id: str,
         metadata: dict,
         connected_at: float,
-    ) -> Dialog:
+        relayed: bool = False,
+        takeover: bool = False,
+    ):
         """The gRPC dialog's recording, made if new; ``conn`` joins it as a stream.
 
         An existing recording is joined while it is in progress, which
@@ -342,6 +348,10 @@ class CallRegistry:
         :class:`~evrecorder.errors.CallRejected`: "capacity" when a new
         dialog would pass ``--max-calls``, "internal" when its spool entry
         cannot be made (nothing is kept then).
+
+        When a sibling process sharing the spool records the dialog, the
+        result is a stand-in that relays to it (:class:`evrecorder.relay.
+        RemoteDialog`); ``relayed`` and ``takeover`` are as for :meth:`join`.
         """
         key = (DIALOG_KEY, account_id, dialog_id)
         dialog = self.calls.get(key)
@@ -353,7 +363,31 @@ class CallRegistry:
                 call_id=dialog_id, account_id=account_id, session_id=session_id,
             )
             return dialog
-        if len(self.calls) >= self.settings.max_calls:
+        claim = None
+        if self.owners is not None:
+            claim = self.owners.claim(account_id, dialog_id, dialog=True)
+            if not claim.owned:
+                remote = self._relay(
+                    conn, claim.address, relayed, f"dialog {dialog_id}", "stream", dialog=True,
+                    account_id=account_id, dialog_id=dialog_id, session_id=session_id,
+                    metadata=metadata, connected_at=connected_at,
+                )
+                if remote is not None:
+                    return remote
+                claim = None  # recorded here without a claim: the owner is unreachable
+        try:
+            dialog = self._new_dialog(conn, key, account_id, dialog_id, session_id, metadata,
+                                      connected_at, takeover)
+        except BaseException:
+            if claim is not None:
+                claim.release()
+            raise
+        dialog.claim = claim
+        return dialog
+
+    def _new_dialog(self, conn, key, account_id, dialog_id, session_id, metadata,
+                    connected_at, takeover) -> Dialog:
+        if len(self.calls) >= self.settings.max_calls and not takeover:
             raise CallRejected("capacity", f"at capacity ({self.settings.max_calls} calls)")
         header = {
             "source": "grpc",
@@ -388,9 +422,11 @@ class CallRegistry:
         )
         return dialog
 
-    def _relay(self, conn, address, call_id, session_id, metadata, query, connected_at,
-               relayed):
-        """A stand-in relaying to the sibling that owns the call, or None."""
+    def _relay(self, conn, address, relayed, what, carrier, dialog=False, **ids):
+        """A stand-in relaying to the sibling that owns the call, or None.
+
+        ``what`` names the call or dialog in the log, ``carrier`` the
+        connection ("socket", "stream")."""
         if relayed or not address or self.relay is None:
             reason = (
                 "it came from a sibling or its owner stopped answering" if relayed
@@ -398,22 +434,20 @@ class CallRegistry:
             )
         else:
             try:
-                remote = self.relay(conn, address, call_id, session_id, metadata, query,
-                                    connected_at)
+                remote = self.relay(conn, address, dialog=dialog, **ids)
             except OSError as e:
                 reason = f"its relay does not answer ({e.strerror or e})"
             else:
                 self.metrics.relayed += 1
                 log.info(
-                    "call {call_id}/{session_id}: recorded by a sibling process; this socket "
-                    "is relayed to it",
-                    call_id=call_id, session_id=session_id,
+                    "{what}: recorded by a sibling process; this {carrier} is relayed to it",
+                    what=what, carrier=carrier,
                 )
                 return remote
         log.warn(
-            "call {call_id}/{session_id}: another recorder process claims it, but {reason}: "
-            "recording this socket here as a recording of its own",
-            call_id=call_id, session_id=session_id, reason=reason,
+            "{what}: another recorder process claims it, but {reason}: recording this "
+            "{carrier} here as a recording of its own",
+            what=what, reason=reason, carrier=carrier,
         )
         return None
 

@@ -428,6 +428,12 @@ class _Stream:
         )
         self.door.finished(self, outcome)
 
+    def refused(self, e: CallRejected) -> None:
+        """The sibling process recording the dialog refused this stream's input
+        (:class:`evrecorder.relay.RemoteDialog`): the status it would have here."""
+        if not self.done:
+            self.door._rejected(self, e, flush=False)
+
 
 class GrpcDoor(service.Service):
     """The gRPC listeners (``--grpc-listen``) and the streams they carry."""

@@ -84,9 +84,17 @@ class CallOwners:
             finally:
                 os.close(fd)
 
-    def path_of(self, call_id: str, session_id: str) -> str:
-        digest = hashlib.sha256(f"{call_id}\0{session_id}".encode("utf-8", "surrogatepass"))
-        return os.path.join(self.dir, digest.hexdigest()[:40])
+    def path_of(self, call_id: str, session_id: str, dialog: bool = False) -> str:
+        """The claim's path; a gRPC dialog's ids are (account id, dialog id)."""
+        if dialog:
+            # Byte 0xFF never occurs in UTF-8, so no WebSocket call's ids give
+            # these bytes; the length keeps (account, dialog) pairs apart.
+            account = call_id.encode("utf-8", "surrogatepass")
+            data = (b"\xffgrpc" + len(account).to_bytes(8, "big") + account
+                    + session_id.encode("utf-8", "surrogatepass"))
+        else:
+            data = f"{call_id}\0{session_id}".encode("utf-8", "surrogatepass")
+        return os.path.join(self.dir, hashlib.sha256(data).hexdigest()[:40])
 
     def claimed(self, call_id: str, session_id: str) -> bool:
         """Whether a live process holds a claim on the call (a dead one's does not count)."""
@@ -102,9 +110,10 @@ class CallOwners:
             os.close(fd)
         return False
 
-    def claim(self, call_id: str, session_id: str) -> Claim:
-        """Claim the call for this process, or say who has it."""
-        path = self.path_of(call_id, session_id)
+    def claim(self, call_id: str, session_id: str, dialog: bool = False) -> Claim:
+        """Claim the call (or, ``dialog``, the gRPC dialog of account ``call_id``
+        and dialog ``session_id``) for this process, or say who has it."""
+        path = self.path_of(call_id, session_id, dialog)
         for _ in range(_ATTEMPTS):
             fd = self._publish(path)
             if fd is not None:

@@ -21,13 +21,29 @@ the rest.  What the dead owner had is recovered from its spool as a separate
 recording, as for any crash; a frame it wrote but had not acknowledged may
 then be in both recordings, never in neither.
 
+A gRPC stream whose dialog a sibling records is relayed the same way
+(:class:`RemoteDialog`): on the owner it is one more stream of the dialog,
+its events carry the relaying side's arrival times, and a refusal comes back
+as the close code of its kind (:data:`~evrecorder.protocol.CLOSE_CODES`),
+which the gRPC door turns into the status it would have given itself.
+
+A relaying side that is done (its socket or stream closed) keeps the relay
+open until the owner has acknowledged everything, so a tail the owner never
+wrote is replayed here if it dies in that moment.
+
 Wire format: 32-bit length-prefixed messages, first byte the kind.
 
 =====  ======================================================================
 ``J``  join: JSON {callId, sessionId, metadata, query, connectedAt}
 ``M``  media: ``>BQd`` (perspective index, sequenceId, read time), payload
 ``S``  Stop: JSON {metadata, perspective}
-``T``  activity (a Connected message)
+``T``  activity (a Connected message; an event the gRPC door does not know)
+``D``  join a dialog: JSON {accountId, dialogId, sessionId, metadata, connectedAt}
+``g``  SegmentStart: JSON {segmentId, participant, product, audioFormat, at}
+``m``  SegmentMedia: ``>IHdI`` (seq, duration ms, read time, id length), id, payload
+``i``  SegmentInfo: JSON {segmentId, event, data, at}
+``p``  SegmentStop: JSON {segmentId, at}
+``c``  the stream ended: JSON {cancelled, at, error}
 ``A``  owner to relay: ``>Q`` messages after the join taken and on disk so far
 ``E``  owner to relay: the call is over for this socket: ``>H`` code, reason
 =====  ======================================================================
@@ -54,12 +70,16 @@ from evrecorder.settings import PERSPECTIVES
 log = Logger()
 
 _MEDIA = struct.Struct(">BQd")
+_CHUNK = struct.Struct(">IHdI")  # seq and duration are uint32 in the proto
 _END = struct.Struct(">H")
 _ACK = struct.Struct(">Q")
 #: Messages relayed and not acknowledged after which the owner counts as hung
 #: (10 s of both perspectives).
 MAX_UNACKED = 1000
 _INDEX = {p: i for i, p in enumerate(PERSPECTIVES)}
+_DIALOG_KINDS = frozenset((b"D", b"g", b"m", b"i", b"p", b"c"))
+#: A refusal's kind, from the close code the owner sent for it.
+KIND_OF_CODE = {code: kind for kind, code in CLOSE_CODES.items()}
 #: sun_path holds 108 bytes with the terminating NUL.
 _MAX_PATH = 107
 
@@ -113,6 +133,7 @@ class RelayedConnection(Int32StringReceiver):
         self._taken = 0  # messages after the join handled
         self._acked = 0  # ... and acknowledged
         self._key = ("-", "-")  # the call's ids, once the join named them
+        self._dialog = False  # the call is a gRPC dialog (relayed stream)
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -127,7 +148,13 @@ class RelayedConnection(Int32StringReceiver):
         call = self.call
         if call is not None:
             try:
-                call.spool.flush()
+                if self._dialog:
+                    call.flush()  # a failure is logged there, rate-limited
+                else:
+                    call.spool.flush()
+            except CallRejected as e:
+                self._refuse(CLOSE_CODES[e.kind], e.reason, flush=False)
+                return False
             except OSError as e:
                 self._spool_failed(e, flush=False)
                 return False
@@ -180,6 +207,8 @@ class RelayedConnection(Int32StringReceiver):
             elif kind == b"T":
                 if self.call is not None:
                     self.call.touch()
+            elif kind in _DIALOG_KINDS:
+                self._dialog_message(kind, msg)
             else:
                 raise CallError(1011, f"relay message of unknown kind {kind!r}")
         except CallError as e:
@@ -192,12 +221,57 @@ class RelayedConnection(Int32StringReceiver):
             log.failure("a relayed message could not be handled")
             self._refuse(1011, "internal error")
 
+    def _dialog_message(self, kind: bytes, msg: bytes) -> None:
+        """A relayed gRPC stream's event, for the dialog it joined here."""
+        if kind == b"D":
+            if self.call is None:
+                j = orjson.loads(msg[1:])
+                self._key = (j["dialogId"], j["sessionId"])
+                self._dialog = True
+                self.call = self.registry.join_dialog(
+                    self, account_id=j["accountId"], dialog_id=j["dialogId"],
+                    session_id=j["sessionId"], metadata=j["metadata"],
+                    connected_at=j["connectedAt"], relayed=True,
+                )
+            return
+        dialog = self.call
+        if dialog is None or not self._dialog:
+            raise CallError(1008, "a dialog event before the dialog's join")
+        if kind == b"m":
+            seq, duration, at, n = _CHUNK.unpack_from(msg, 1)
+            start = 1 + _CHUNK.size
+            segment_id = msg[start:start + n].decode("utf-8", "surrogatepass")
+            dialog.segment_media(self, segment_id, seq, duration, msg[start + n:], at)
+            return
+        j = orjson.loads(msg[1:])
+        if kind == b"g":
+            dialog.segment_start(self, j["segmentId"], j["participant"], j["product"],
+                                 j["audioFormat"], j["at"])
+        elif kind == b"i":
+            dialog.segment_info(self, j["segmentId"], j["event"], j["data"], j["at"])
+        elif kind == b"p":
+            dialog.segment_stop(self, j["segmentId"], j["at"])
+        else:  # b"c": written before the acknowledgement that follows
+            if not self._flush():
+                return  # refused: the stream is closed with the failure
+            self.call = None
+            dialog.stream_closed(self, cancelled=j["cancelled"], at=j["at"], error=j["error"])
+
+    def _leave(self, call, error: str | None = None) -> None:
+        """This connection leaves its call (the socket or stream went away)."""
+        if call is None or call.ended:
+            return
+        if self._dialog:
+            call.stream_closed(self, cancelled=True, at=self.registry.clock.seconds(),
+                               error=error)
+        else:
+            call.detach(self)
+
     def _refuse(self, code: int, reason: str, flush: bool = True) -> None:
         if flush:
             self._flush()  # what was taken before this is kept
         call, self.call = self.call, None
-        if call is not None and not call.ended:
-            call.detach(self)
+        self._leave(call, reason)
         self.end_call(code, reason)
 
     def end_call(self, code: int, reason: str) -> None:
@@ -213,8 +287,7 @@ class RelayedConnection(Int32StringReceiver):
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self.factory.conns.discard(self)
         call, self.call = self.call, None
-        if call is not None and not call.ended:
-            call.detach(self)
+        self._leave(call)
 
 
 class RelayServerFactory(protocol.Factory):
@@ -272,30 +345,27 @@ class _Once(protocol.Factory):
         return self.proto
 
 
-class RemoteCall:
-    """A call a sibling process records, as the front door sees it.
+class _Remote:
+    """A recording a sibling process records, as one front door's connection sees it.
 
-    It has :class:`~evrecorder.call.Call`'s interface for a connection:
-    ``media``, ``stop``, ``touch``, ``detach``, ``ended``, ``spool.flush()``.
+    What the connection sends is relayed and kept until the owner says it is
+    on its disk.  If the owner dies (or hangs) first, the recording goes on
+    from this process (:meth:`_take_over`) with what it never confirmed.
+    Subclasses name the join message, the methods the door calls, and how
+    to join the recording here.
     """
 
-    def __init__(self, registry, conn, call_id, session_id, metadata, query, connected_at):
+    def __init__(self, registry, conn, key: tuple):
         self.registry = registry
         self.conn = conn
-        self.call_id = call_id
-        self.session_id = session_id
-        self._join_args = (metadata, query, connected_at)
+        self.key = key
         self._client: _RelayClient | None = None
-        self._local = None  # the call here, once the owner is gone
+        self._local = None  # the recording here, once the owner is gone
         self._ended = False
-        self._closing = False
-        self._unacked: deque = deque()  # (kind, args) sent, not yet on the owner's disk
+        self._closing = False  # the connection is done: the relay closes once all is confirmed
+        self._unacked: deque = deque()  # (method, args) sent, not yet on the owner's disk
         self._sent = 0  # messages after the join
         self._hung = False  # the owner stopped confirming: do not go back to it
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.call_id, self.session_id)
 
     @property
     def ended(self) -> bool:
@@ -304,6 +374,16 @@ class RemoteCall:
     @property
     def spool(self):
         return self._local.spool if self._local is not None else _NO_SPOOL
+
+    def _join_message(self) -> bytes:
+        raise NotImplementedError
+
+    def _join_here(self):
+        """Join the recording in this process (claiming it, or relaying anew)."""
+        raise NotImplementedError
+
+    def _what(self) -> str:
+        raise NotImplementedError
 
     def connect(self, address: str, reactor) -> None:
         """Open the relay; raises OSError when the owner cannot be reached."""
@@ -319,26 +399,21 @@ class RemoteCall:
             sock.close()  # the reactor has its own copy
         self._client = client
         self.registry.remote_calls.add(self)
-        metadata, query, connected_at = self._join_args
-        client.sendString(b"J" + orjson.dumps({
-            "callId": self.call_id, "sessionId": self.session_id, "metadata": metadata,
-            "query": query, "connectedAt": connected_at,
-        }))
+        client.sendString(self._join_message())
 
-    def _send(self, msg: bytes, kind: str, args: tuple) -> None:
+    def _send(self, msg: bytes, method: str, args: tuple) -> None:
         client = self._client
         if client is None or client.transport is None:
             return
-        self._unacked.append((kind, args))
+        self._unacked.append((method, args))
         if self._hung:
             return  # being taken over: kept for the replay
         self._sent += 1
         client.sendString(msg)
         if len(self._unacked) > MAX_UNACKED:
             log.warn(
-                "call {call_id}/{session_id}: the process recording it has not confirmed "
-                "{n} messages; taking the call over here",
-                call_id=self.call_id, session_id=self.session_id, n=len(self._unacked),
+                "{what}: the process recording it has not confirmed {n} messages; taking "
+                "it over here", what=self._what(), n=len(self._unacked),
             )
             self._hung = True
             client.transport.abortConnection()  # _relay_lost follows
@@ -347,6 +422,140 @@ class RemoteCall:
         unacked = self._unacked
         for _ in range(min(len(unacked), count - (self._sent - len(unacked)))):
             unacked.popleft()
+        if self._closing and not unacked:
+            self._close_relay()
+
+    def _done(self) -> None:
+        """The connection is done: close the relay once the owner confirmed all."""
+        self._closing = True
+        self.registry.remote_calls.discard(self)
+        if not self._unacked:
+            self._close_relay()
+
+    def _close_relay(self) -> None:
+        if self._client is not None and self._client.transport is not None:
+            self._client.transport.loseConnection()
+
+    # -- from the relay ----------------------------------------------------
+
+    def _ended_by_owner(self, code: int, reason: str) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._closing = True
+        self._unacked.clear()
+        self.registry.remote_calls.discard(self)
+        self._owner_ended(code, reason)
+        self._close_relay()
+
+    def _owner_ended(self, code: int, reason: str) -> None:
+        """The owner ended the recording for this connection, or refused it."""
+        self.conn.end_call(code, reason)
+
+    def _relay_lost(self) -> None:
+        self._client = None
+        self.registry.remote_calls.discard(self)
+        if self._ended or self._local is not None or (self._closing and not self._unacked):
+            return
+        # The owner went away without ending the recording: it goes on from
+        # here, with what the owner never confirmed.
+        unacked, self._unacked = list(self._unacked), deque()
+        log.warn(
+            "{what}: the process recording it is gone; it goes on from here ({n} "
+            "unconfirmed messages replayed)", what=self._what(), n=len(unacked),
+        )
+        try:
+            # A plain join: it claims the recording (the dead owner's claim is
+            # free), or relays to whoever claimed it first.  From a hung owner,
+            # whose claim still holds, the rest is recorded here as a
+            # recording of its own: on disk here rather than in memory for
+            # the owner.
+            local = self._local = self._join_here()
+            for method, args in self._confirmed_state(unacked) + unacked:
+                if local.ended:
+                    break
+                if method == "touch":
+                    local.touch()
+                else:
+                    getattr(local, method)(self.conn, *args)
+            self._flush_local(local)
+            if self._closing:
+                self._finish_here(local)
+        except (CallError, CallRejected) as e:
+            code = e.code if isinstance(e, CallError) else CLOSE_CODES[e.kind]
+            self._take_over_failed(code, e.reason, len(unacked))
+        except Exception:
+            log.failure("{what}: taking it over failed", what=self._what())
+            self._take_over_failed(1011, "internal error", None)
+
+    def _confirmed_state(self, unacked: list) -> list:
+        """What the connection set up before and the owner confirmed, which a
+        recording joined anew here must be told first (none for a socket)."""
+        return []
+
+    def _flush_local(self, local) -> None:
+        local.spool.flush()
+
+    def _finish_here(self, local) -> None:
+        """The connection was done before the take-over: it leaves the recording."""
+
+    def _take_over_failed(self, code: int, reason: str, lost: int | None) -> None:
+        local, self._local = self._local, None
+        self._ended = True
+        if local is not None and not local.ended:
+            self._finish_here(local)
+        self.registry.metrics.closed[code] += 1
+        if lost is not None:
+            log.warn(
+                "{what}: taking it over failed ({code}: {reason}); {n} messages the dead "
+                "owner never confirmed are lost",
+                what=self._what(), code=code, reason=reason, n=lost,
+            )
+        self.conn.end_call(code, reason)
+
+
+class RemoteCall(_Remote):
+    """A call a sibling process records, as a WebSocket sees it.
+
+    It has :class:`~evrecorder.call.Call`'s interface for a connection:
+    ``media``, ``stop``, ``touch``, ``detach``, ``ended``, ``spool.flush()``.
+    """
+
+    def __init__(self, registry, conn, call_id, session_id, metadata, query, connected_at):
+        super().__init__(registry, conn, (call_id, session_id))
+        self.call_id = call_id
+        self.session_id = session_id
+        self._join_args = (metadata, query, connected_at)
+
+    def _what(self) -> str:
+        return f"call {self.call_id}/{self.session_id}"
+
+    def _join_message(self) -> bytes:
+        metadata, query, connected_at = self._join_args
+        return b"J" + orjson.dumps({
+            "callId": self.call_id, "sessionId": self.session_id, "metadata": metadata,
+            "query": query, "connectedAt": connected_at,
+        })
+
+    def _join_here(self):
+        metadata, query, connected_at = self._join_args
+        return self.registry.join(
+            self.conn, self.call_id, self.session_id, metadata, query, connected_at,
+            relayed=self._hung, takeover=True,
+        )
+
+    def _finish_here(self, local) -> None:
+        local.detach(self.conn)
+
+    def _owner_ended(self, code: int, reason: str) -> None:
+        if code not in (1000, 1001):
+            # The owner refused what this socket sent: said here, where the socket is.
+            self.registry.metrics.closed[code] += 1
+            log.warn(
+                "closing relayed socket (call {call_id}/{session_id}) with {code}: {reason}",
+                call_id=self.call_id, session_id=self.session_id, code=code, reason=reason,
+            )
+        self.conn.end_call(code, reason)
 
     # -- the Call interface ------------------------------------------------
 
@@ -372,82 +581,117 @@ class RemoteCall:
     def detach(self, conn) -> None:
         if self._local is not None:
             return self._local.detach(conn)
-        self._closing = True
-        self.registry.remote_calls.discard(self)
-        if self._client is not None and self._client.transport is not None:
-            self._client.transport.loseConnection()
+        self._done()
 
-    # -- from the relay ----------------------------------------------------
 
-    def _ended_by_owner(self, code: int, reason: str) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        self._closing = True
-        self._unacked.clear()
-        self.registry.remote_calls.discard(self)
-        if code not in (1000, 1001):
-            # The owner refused what this socket sent: said here, where the socket is.
-            self.registry.metrics.closed[code] += 1
-            log.warn(
-                "closing relayed socket (call {call_id}/{session_id}) with {code}: {reason}",
-                call_id=self.call_id, session_id=self.session_id, code=code, reason=reason,
-            )
-        self.conn.end_call(code, reason)
-        if self._client is not None and self._client.transport is not None:
-            self._client.transport.loseConnection()
+class RemoteDialog(_Remote):
+    """A gRPC dialog a sibling process records, as one of its streams sees it.
 
-    def _relay_lost(self) -> None:
-        self._client = None
-        self.registry.remote_calls.discard(self)
-        if self._closing or self._local is not None:
-            return
-        # The owner went away without ending the call: the call goes on from
-        # here, with what the owner never confirmed.
-        unacked, self._unacked = list(self._unacked), deque()
-        log.warn(
-            "call {call_id}/{session_id}: the process recording it is gone; this socket's "
-            "audio goes on from here ({n} unconfirmed messages replayed)",
-            call_id=self.call_id, session_id=self.session_id, n=len(unacked),
+    It has :class:`~evrecorder.dialog.Dialog`'s interface for a stream: the
+    ``segment_*`` methods, ``touch``, ``flush`` and ``stream_closed``.  Bad
+    input is refused by the owner, a moment later: the stream then ends with
+    the status it would have had here (``conn.refused``).
+    """
+
+    def __init__(self, registry, conn, account_id, dialog_id, session_id, metadata,
+                 connected_at):
+        super().__init__(registry, conn, ("grpc", account_id, dialog_id))
+        self.account_id = account_id
+        self.call_id = dialog_id
+        self.session_id = session_id
+        self._join_args = (metadata, connected_at)
+        # This stream's segments as started and stopped, one entry each: a
+        # take-over starts them again before it replays what is unconfirmed.
+        self._starts: dict[str, tuple] = {}
+        self._stops: dict[str, tuple] = {}
+
+    def _what(self) -> str:
+        return f"dialog {self.call_id} (stream {self.session_id})"
+
+    def _confirmed_state(self, unacked: list) -> list:
+        # A repeated SegmentStart with the same fields changes nothing, so
+        # every start goes first; a stop only if the owner confirmed it
+        # (one still unconfirmed comes after its segment's chunks).
+        pending = {args[0] for method, args in unacked if method == "segment_stop"}
+        return ([("segment_start", args) for args in self._starts.values()]
+                + [("segment_stop", args) for sid, args in self._stops.items()
+                   if sid not in pending])
+
+    def _join_message(self) -> bytes:
+        metadata, connected_at = self._join_args
+        return b"D" + orjson.dumps({
+            "accountId": self.account_id, "dialogId": self.call_id,
+            "sessionId": self.session_id, "metadata": metadata, "connectedAt": connected_at,
+        })
+
+    def _join_here(self):
+        metadata, connected_at = self._join_args
+        return self.registry.join_dialog(
+            self.conn, account_id=self.account_id, dialog_id=self.call_id,
+            session_id=self.session_id, metadata=metadata, connected_at=connected_at,
+            relayed=self._hung, takeover=True,
         )
-        metadata, query, connected_at = self._join_args
-        try:
-            # A plain join: it claims the call (the dead owner's claim is free),
-            # or relays to whoever claimed it first.  From a hung owner, whose
-            # claim still holds, the rest is recorded here as a recording of
-            # its own: on disk here rather than in memory for the owner.
-            local = self.registry.join(
-                self.conn, self.call_id, self.session_id, metadata, query, connected_at,
-                relayed=self._hung, takeover=True,
-            )
-            self._local = local
-            for kind, args in unacked:
-                if local.ended:
-                    break
-                getattr(local, kind)(*((self.conn,) if kind != "touch" else ()), *args)
-            local.spool.flush()
-        except (CallError, CallRejected) as e:
-            code = e.code if isinstance(e, CallError) else CLOSE_CODES[e.kind]
-            local, self._local = self._local, None
-            self._ended = True
-            if local is not None and not local.ended:
-                local.detach(self.conn)
-            self.registry.metrics.closed[code] += 1
-            log.warn(
-                "call {call_id}/{session_id}: taking the call over failed ({code}: {reason}); "
-                "{n} messages the dead owner never confirmed are lost",
-                call_id=self.call_id, session_id=self.session_id, code=code,
-                reason=e.reason, n=len(unacked),
-            )
-            self.conn.end_call(code, e.reason)
-        except Exception:
-            log.failure(
-                "call {call_id}/{session_id}: taking the call over failed",
-                call_id=self.call_id, session_id=self.session_id,
-            )
-            local, self._local = self._local, None
-            self._ended = True
-            if local is not None and not local.ended:
-                local.detach(self.conn)
-            self.registry.metrics.closed[1011] += 1
-            self.conn.end_call(1011, "internal error")
+
+    def _flush_local(self, local) -> None:
+        local.flush()
+
+    def _owner_ended(self, code: int, reason: str) -> None:
+        kind = KIND_OF_CODE.get(code)
+        if kind is not None:
+            self.conn.refused(CallRejected(kind, reason))
+        else:
+            self.conn.end_call(code, reason)
+
+    # -- the Dialog interface ----------------------------------------------
+
+    def segment_start(self, conn, segment_id, participant, product, audio_format, at) -> None:
+        if self._local is not None:
+            return self._local.segment_start(conn, segment_id, participant, product,
+                                             audio_format, at)
+        args = (segment_id, participant, product, audio_format, at)
+        self._starts.setdefault(segment_id, args)
+        self._send(b"g" + orjson.dumps({
+            "segmentId": segment_id, "participant": participant, "product": product,
+            "audioFormat": audio_format, "at": at,
+        }), "segment_start", args)
+
+    def segment_media(self, conn, segment_id, seq, duration_ms, payload, at) -> None:
+        if self._local is not None:
+            return self._local.segment_media(conn, segment_id, seq, duration_ms, payload, at)
+        name = segment_id.encode("utf-8", "surrogatepass")
+        self._send(
+            b"m" + _CHUNK.pack(seq, min(duration_ms, 0xFFFF), at, len(name)) + name + payload,
+            "segment_media", (segment_id, seq, duration_ms, payload, at),
+        )
+
+    def segment_info(self, conn, segment_id, event, data, at) -> None:
+        if self._local is not None:
+            return self._local.segment_info(conn, segment_id, event, data, at)
+        self._send(b"i" + orjson.dumps({"segmentId": segment_id, "event": event, "data": data,
+                                        "at": at}),
+                   "segment_info", (segment_id, event, data, at))
+
+    def segment_stop(self, conn, segment_id, at) -> None:
+        if self._local is not None:
+            return self._local.segment_stop(conn, segment_id, at)
+        self._stops.setdefault(segment_id, (segment_id, at))
+        self._send(b"p" + orjson.dumps({"segmentId": segment_id, "at": at}),
+                   "segment_stop", (segment_id, at))
+
+    def touch(self) -> None:
+        if self._local is not None:
+            return self._local.touch()
+        self._send(b"T", "touch", ())
+
+    def flush(self) -> None:
+        if self._local is not None:
+            self._local.flush()
+
+    def stream_closed(self, conn, cancelled: bool, at: float, error: str | None = None) -> None:
+        if self._local is not None:
+            return self._local.stream_closed(conn, cancelled=cancelled, at=at, error=error)
+        if self._closing:
+            return
+        self._send(b"c" + orjson.dumps({"cancelled": cancelled, "at": at, "error": error}),
+                   "stream_closed", (cancelled, at, error))
+        self._done()

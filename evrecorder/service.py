@@ -262,10 +262,9 @@ class RecorderService(service.MultiService):
         """The relay connections siblings have open to this process (tests, debugging)."""
         return list(self._relay.factory.conns)
 
-    def _relay_to(self, conn, address, call_id, session_id, metadata, query, connected_at):
-        remote = relay.RemoteCall(
-            self.registry, conn, call_id, session_id, metadata, query, connected_at
-        )
+    def _relay_to(self, conn, address, dialog=False, **ids):
+        kind = relay.RemoteDialog if dialog else relay.RemoteCall
+        remote = kind(self.registry, conn, **ids)
         remote.connect(address, self._reactor)
         return remote
 

@@ -57,11 +57,14 @@ def segment_stop(segment_id: str, session_id: str = "s-1") -> pb.StreamEvent:
                           segment_stop=pb.SegmentStopEvent(segment_id=segment_id))
 
 
-def channel(port: int, ca: bytes | None = None) -> grpc.Channel:
+def channel(port: int, ca: bytes | None = None, own_connection: bool = False) -> grpc.Channel:
+    """``own_connection``: a TCP connection of its own (grpcio shares one between
+    channels to the same target otherwise), as a separate RingCX stream may use."""
+    options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else None
     if ca is None:
-        return grpc.insecure_channel(f"127.0.0.1:{port}")
+        return grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
     return grpc.secure_channel(
-        f"localhost:{port}", grpc.ssl_channel_credentials(root_certificates=ca)
+        f"localhost:{port}", grpc.ssl_channel_credentials(root_certificates=ca), options=options
     )
 
 
@@ -89,9 +92,10 @@ def send(port: int, events, token: str | None = None, ca: bytes | None = None,
 class OpenStream:
     """A stream kept open: events are fed one by one; cancel or close it."""
 
-    def __init__(self, port: int, token: str | None = None, ca: bytes | None = None):
+    def __init__(self, port: int, token: str | None = None, ca: bytes | None = None,
+                 own_connection: bool = False):
         self._queue: queue.Queue = queue.Queue()
-        self._channel = channel(port, ca)
+        self._channel = channel(port, ca, own_connection)
         metadata = [("authorization", token)] if token is not None else None
         self._future = pb_grpc.StreamingStub(self._channel).Stream.future(
             iter(self._queue.get, None), metadata=metadata, timeout=60

@@ -96,13 +96,22 @@ def start_twistd(tmp_path, port: int, name: str, *options: str) -> subprocess.Po
     )
 
 
-async def until(predicate, timeout: float = 20.0, what: str = "condition"):
+async def until(predicate, timeout: float = 20.0, what: str = "condition", logs=()):
+    """Wait for ``predicate``; on a time-out, the end of each of ``logs`` (the
+    twistd processes' log files) is in the failure, to say what they did."""
     from twisted.internet import reactor
 
     deadline = reactor.seconds() + timeout
     while not predicate():
         if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            tails = []
+            for path in logs:
+                try:
+                    with open(path, encoding="utf-8", errors="replace") as f:
+                        tails.append(f"--- {path}:\n" + "".join(f.readlines()[-40:]))
+                except OSError as e:
+                    tails.append(f"--- {path}: {e}")
+            raise AssertionError("\n".join([f"timed out waiting for {what}", *tails]))
         await task.deferLater(reactor, 0.05, lambda: None)
 
 

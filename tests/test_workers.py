@@ -335,7 +335,8 @@ async def test_two_processes_share_a_port_and_keep_split_calls_whole(tmp_path):
         def sidecars():
             return sorted(glob.glob(str(tmp_path / "archive" / "**" / "*.json"), recursive=True))
 
-        await until(lambda: len(sidecars()) >= 24, what="24 recordings")
+        await until(lambda: len(sidecars()) >= 24, timeout=60, what="24 recordings",
+                    logs=[tmp_path / f"w{i}.log" for i in range(2)])
         await sleep(0.5)
         found = {}
         for path in sidecars():
@@ -415,7 +416,10 @@ async def test_owner_killed_mid_call_loses_no_audio(tmp_path):
         def sidecars():
             return sorted(glob.glob(str(tmp_path / "archive" / "**" / "*.json"), recursive=True))
 
-        await until(lambda: len(sidecars()) >= 2, what="the recovered and the continued recording")
+        # Generous: a twistd start on a loaded CI machine (logs say what happened if not).
+        await until(lambda: len(sidecars()) >= 2, timeout=60,
+                    what="the recovered and the continued recording",
+                    logs=[tmp_path / f"{name}.log" for name in ("a", "b", "a-again")])
         await sleep(0.5)
         assert len(sidecars()) == 2
         got = {AGENT: {}, CALLER: {}}
