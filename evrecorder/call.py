@@ -365,7 +365,10 @@ class CallRegistry:
             return dialog
         claim = None
         if self.owners is not None:
-            claim = self.owners.claim(account_id, dialog_id, dialog=True)
+            try:
+                claim = self.owners.claim(account_id, dialog_id, dialog=True)
+            except OSError as e:  # the spool's disk: a new entry would fail the same way
+                raise spool_rejection(e, "make a spool entry for a dialog", self.spool_log) from None
             if not claim.owned:
                 remote = self._relay(
                     conn, claim.address, relayed, f"dialog {dialog_id}", "stream", dialog=True,

@@ -504,13 +504,17 @@ class _Remote:
         self._ended = True
         if local is not None and not local.ended:
             self._finish_here(local)
-        self.registry.metrics.closed[code] += 1
         if lost is not None:
             log.warn(
                 "{what}: taking it over failed ({code}: {reason}); {n} messages the dead "
                 "owner never confirmed are lost",
                 what=self._what(), code=code, reason=reason, n=lost,
             )
+        self._end_here(code, reason)
+
+    def _end_here(self, code: int, reason: str) -> None:
+        """End the connection for a failure found in this process."""
+        self.registry.metrics.closed[code] += 1
         self.conn.end_call(code, reason)
 
 
@@ -634,6 +638,14 @@ class RemoteDialog(_Remote):
 
     def _flush_local(self, local) -> None:
         local.flush()
+
+    def _finish_here(self, local) -> None:
+        # After a replayed stream end this changes nothing (it comes once).
+        local.stream_closed(self.conn, cancelled=True, at=self.registry.clock.seconds())
+
+    def _end_here(self, code: int, reason: str) -> None:
+        # Counted and logged by the door, with the status of the failure's kind.
+        self.conn.refused(CallRejected(KIND_OF_CODE.get(code, "internal"), reason))
 
     def _owner_ended(self, code: int, reason: str) -> None:
         kind = KIND_OF_CODE.get(code)

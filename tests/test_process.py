@@ -92,7 +92,10 @@ def start_twistd(tmp_path, port: int, name: str, *options: str) -> subprocess.Po
                   "--listen", f"tcp:{port}:interface=127.0.0.1",
                   "--spool", str(tmp_path / "spool"), "--archive", str(tmp_path / "archive"), *ours],
         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO), stdout=log, stderr=subprocess.STDOUT,
-        preexec_fn=lambda: os.umask(0o027),  # as systemd's UMask= would set it
+        # As systemd's UMask= would set it. Not with preexec_fn: that makes the
+        # child run grpcio's fork handlers (this process has gRPC threads from
+        # earlier tests), and a child stuck there never became twistd.
+        umask=0o027,
     )
 
 
