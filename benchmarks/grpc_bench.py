@@ -305,18 +305,30 @@ def main() -> None:
         try:
             wait_port(port)
             time.sleep(1.0)
+            idle_rss = rss_mb(server.pid)
             cpu0 = cpu_seconds(server.pid)
-            load = subprocess.run(
+            started = time.monotonic()
+            load = subprocess.Popen(
                 pin(1) + [sys.executable, __file__, "--load", "--port", str(port), "--dialogs",
                           str(a.dialogs), "--ptime", str(a.ptime), "--seconds", str(a.seconds),
                           "--connections", str(a.connections), "--prefix", f"{a.server}"]
                 + (["--flood"] if a.flood else []),
-                capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env=dict(os.environ, PYTHONPATH=REPO))
+            # RSS once a second while the dialogs run: memory per dialog must
+            # stay flat over a long dialog, not grow with its length.
+            samples = []
+            while True:
+                try:
+                    out, err = load.communicate(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    samples.append((time.monotonic() - started, rss_mb(server.pid)))
             cpu = cpu_seconds(server.pid) - cpu0
             rss = rss_mb(server.pid)
             if load.returncode:
-                raise SystemExit(load.stderr[-2000:])
-            result = json.loads(load.stdout.strip().splitlines()[-1])
+                raise SystemExit(err[-2000:])
+            result = json.loads(out.strip().splitlines()[-1])
             checked = verify(workdir, a.dialogs, chunks, a.ptime) if a.server == "recorder" else "-"
         finally:
             server.send_signal(signal.SIGTERM)
@@ -333,7 +345,21 @@ def main() -> None:
         "server_cpu_s": round(cpu, 2), "cpu_us_per_event": round(cpu / events * 1e6, 1),
         "core_share": round(cpu / result["elapsed"], 3), "gen_lag_s": round(result["lag"], 3),
         "server_rss_mb": round(rss, 1), "verified": checked,
+        "rss_idle_mb": round(idle_rss, 1),
+        # Steady window: after the connections and the first chunks, before the ends.
+        "rss_steady_mb": _steady(samples, a.seconds),
     }))
+
+
+def _steady(samples: list[tuple[float, float]], seconds: float) -> dict:
+    """RSS (MB) at a tenth, half and nine tenths of the dialogs' length."""
+    if not samples:
+        return {}
+    out = {}
+    for share in (0.1, 0.5, 0.9):
+        t, mb = min(samples, key=lambda s: abs(s[0] - (2 + share * seconds)))
+        out[f"at_{round(t)}s"] = round(mb, 1)
+    return out
 
 
 if __name__ == "__main__":
