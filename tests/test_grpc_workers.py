@@ -241,3 +241,70 @@ async def test_two_processes_share_a_grpc_port_and_keep_split_dialogs_whole(tmp_
             p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait(timeout=30)
+
+
+@pytest_twisted.ensureDeferred
+async def test_owner_killed_while_a_relayed_stream_ends_loses_no_chunk(tmp_path):
+    """kill -9 of the process recording a dialog while a sibling relays a stream
+    whose end it never confirmed: the sibling records the unconfirmed tail, the
+    restarted owner recovers its part; every agent chunk is in a recording, exact."""
+    from test_grpc_process import spooled_chunks
+
+    port_a, port_b, gport_a, gport_b = free_port(), free_port(), free_port(), free_port()
+    proc_a = start_twistd(tmp_path, port_a, "a", "--grpc-listen",
+                          f"tcp:{gport_a}:interface=127.0.0.1", "--reconnect-grace", "1")
+    proc_b = start_twistd(tmp_path, port_b, "b", "--grpc-listen",
+                          f"tcp:{gport_b}:interface=127.0.0.1", "--reconnect-grace", "1")
+    procs = [proc_a, proc_b]
+    logs = [tmp_path / f"{name}.log" for name in ("a", "b", "a-again")]
+    try:
+        await until_process(lambda: listening(gport_a) and listening(gport_b),
+                            what="both recorders", logs=logs)
+        contact, agent = chunks(20, 67), chunks(20, 68)
+        c = contact_stream(gport_a, "kill-g1")
+        await until_process(lambda: spooled_chunks(tmp_path / "spool") == 0 and
+                            glob.glob(str(tmp_path / "spool" / "owners" / "*")),
+                            what="the first recorder to claim the dialog", logs=logs)
+        a = agent_stream(gport_b, "kill-g1")
+        for i in range(10):  # in real time: no pause, no burst
+            c.send(media("c", i + 1, contact[i]))
+            a.send(media("a", i + 1, agent[i], session_id="s-2"))
+            await sleep(0.1)
+        await until_process(lambda: spooled_chunks(tmp_path / "spool") == 20,
+                            what="the first half on the owner's disk", logs=logs)
+        # The owner stalls: the rest of the agent's stream is relayed, never confirmed ...
+        proc_a.send_signal(signal.SIGSTOP)
+        for i in range(10, 20):
+            a.send(media("a", i + 1, agent[i], session_id="s-2"))
+            await sleep(0.1)
+        a.send(segment_stop("a", session_id="s-2"))
+        a.close()
+        assert await deferToThread(a.result) == (grpc.StatusCode.OK, "")
+        # ... and then it dies.
+        proc_a.send_signal(signal.SIGKILL)
+        proc_a.wait(timeout=10)
+        assert (await deferToThread(c.result))[0] == grpc.StatusCode.UNAVAILABLE
+        proc_a = start_twistd(tmp_path, port_a, "a-again")
+        procs.append(proc_a)
+        await until_process(lambda: len(_sidecars(tmp_path)) >= 2, timeout=60,
+                            what="the recovered and the continued recording", logs=logs)
+        await sleep(0.5)
+        sidecars = _sidecars(tmp_path)
+        assert len(sidecars) == 2
+        assert sorted(s["endReason"] for s in sidecars) == ["recovered", "stop"]
+        got = {}
+        for side in sidecars:
+            if any(s["segmentId"] == "a" for s in side["segments"]):
+                got.update(placed(side, "a", read_pcm16_wav(side["_wav"])[0]))
+        assert sorted(got) == list(range(1, 21))
+        for seq, samples in got.items():
+            assert samples == independent_decode(agent[seq - 1]), seq
+        [recovered] = [s for s in sidecars if s["endReason"] == "recovered"]
+        assert_segment_exact(recovered, "c", 1, contact[:10])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=30)
