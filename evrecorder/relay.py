@@ -78,6 +78,7 @@ _ACK = struct.Struct(">Q")
 MAX_UNACKED = 1000
 _INDEX = {p: i for i, p in enumerate(PERSPECTIVES)}
 _DIALOG_KINDS = frozenset((b"D", b"g", b"m", b"i", b"p", b"c"))
+_JOINS = frozenset((b"J", b"D"))
 #: A refusal's kind, from the close code the owner sent for it.
 KIND_OF_CODE = {code: kind for kind, code in CLOSE_CODES.items()}
 #: sun_path holds 108 bytes with the terminating NUL.
@@ -183,7 +184,7 @@ class RelayedConnection(Int32StringReceiver):
         if self._over:
             return  # what the relaying side sent before it heard the call was over
         kind = msg[:1]
-        if kind != b"J":
+        if kind not in _JOINS:  # the relaying side counts what follows its join
             self._taken += 1
         try:
             if kind == b"M":

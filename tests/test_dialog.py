@@ -614,3 +614,73 @@ def test_a_relayed_join_at_capacity_is_refused_with_1013(tmp_path):
     assert reply[:1] == b"E" and struct.unpack_from(">H", reply, 1) == (1013,)
     assert reply[3:] == b"at capacity (1 calls)"
     assert transport.disconnecting
+
+
+def _relay_messages(transport) -> list[bytes]:
+    import struct
+
+    out, msgs = transport.value(), []
+    while out:
+        (size,) = struct.unpack_from(">I", out)
+        msgs.append(out[4:4 + size])
+        out = out[4 + size:]
+    return msgs
+
+
+def test_the_owner_confirms_a_relayed_streams_events_counted_after_its_join(tmp_path):
+    """On the owner, a relayed gRPC stream's DialogInit (D) is its join, not counted: the
+    acknowledgement counts the events after it, as the relaying side does, once they are on disk."""
+    import struct
+
+    import orjson
+    from twisted.internet.testing import StringTransport
+
+    from evrecorder.relay import _CHUNK, RelayServerFactory
+
+    clock, reg, _ = make_registry(tmp_path / "spool")
+    proto = RelayServerFactory(reg).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+
+    def send(msg: bytes) -> None:
+        proto.dataReceived(struct.pack(">I", len(msg)) + msg)
+
+    send(b"D" + orjson.dumps({"accountId": "acc", "dialogId": "d1", "sessionId": "s9",
+                              "metadata": METADATA, "connectedAt": T0}))
+    assert _relay_messages(transport) == []  # nothing after the join yet
+    send(b"g" + orjson.dumps({"segmentId": "a", "participant": {"id": "p", "type": "AGENT"},
+                              "product": None, "audioFormat": PCMU, "at": T0}))
+    for seq in (1, 2):
+        send(b"m" + _CHUNK.pack(seq, 100, T0 + seq / 10, 1) + b"a" + b"\x11" * 800)
+    acks = [struct.unpack_from(">Q", m, 1)[0] for m in _relay_messages(transport) if m[:1] == b"A"]
+    assert acks == [1, 2, 3]
+    [dialog] = reg.calls.values()
+    assert [(c[1], c[2]) for c in chunks(dialog)] == [(1, T0 + 0.1), (2, T0 + 0.2)]
+    assert [e["event"] for e in events(dialog)][:2] == ["stream", "segment"]
+    assert events(dialog)[0]["sessionId"] == "s9"
+
+
+def test_a_relayed_streams_bad_input_comes_back_with_its_kinds_close_code(tmp_path):
+    """The owner refuses a chunk for a segment the stream never started with the close code
+    of "precondition" (1008), which the relaying side maps back to FAILED_PRECONDITION."""
+    import struct
+
+    import orjson
+    from twisted.internet.testing import StringTransport
+
+    from evrecorder.relay import _CHUNK, KIND_OF_CODE, RelayServerFactory
+
+    clock, reg, _ = make_registry(tmp_path / "spool")
+    proto = RelayServerFactory(reg).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    for msg in (b"D" + orjson.dumps({"accountId": "acc", "dialogId": "d1", "sessionId": "s9",
+                                     "metadata": METADATA, "connectedAt": T0}),
+                b"m" + _CHUNK.pack(1, 100, T0, 4) + b"nope" + b"\x11" * 800):
+        proto.dataReceived(struct.pack(">I", len(msg)) + msg)
+    [end] = [m for m in _relay_messages(transport) if m[:1] == b"E"]
+    (code,) = struct.unpack_from(">H", end, 1)
+    assert KIND_OF_CODE[code] == "precondition" and b"nope" in end
+    assert transport.disconnecting
+    [dialog] = reg.calls.values()
+    assert [e["reason"] for e in events(dialog) if e["event"] == "streamEnd"] == ["error"]
