@@ -733,15 +733,22 @@ class GrpcDoor(service.Service):
         cancelled = event is _CANCEL
         stream.done = True
         self.streams.discard(stream)
+        failed = None
         if dialog is not None:
             try:
                 dialog.flush()
             except CallRejected as e:
                 _log_rejection(stream, e, limit=self._internal_log)
-                cancelled = True
-            dialog.stream_closed(stream, cancelled=cancelled, at=at)
+                failed = e
+            dialog.stream_closed(stream, cancelled=cancelled or failed is not None, at=at,
+                                 error=failed.reason if failed is not None else None)
         if cancelled:
             log.info("gRPC stream {stream} was cancelled or broke", stream=stream.label)
+        elif failed is not None:
+            # The client half-closed and waits for its answer: the failure's status.
+            status = STATUS_OF_KIND[failed.kind]
+            self.metrics.grpc_closed[status.name] += 1
+            self.bridge.to_aio(stream.aio, (status, failed.reason))
         else:
             self.bridge.to_aio(stream.aio, _OK)
 

@@ -237,6 +237,23 @@ async def test_failed_flush_is_internal(door):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_failed_flush_at_half_close_ends_the_rpc_with_internal(door):
+    """The client half-closes and the last write fails: the RPC ends with INTERNAL at
+    once (it used to wait for the client's deadline), and the stream closes as failed."""
+    d = door()
+    stream = OpenStream(d.ports[0])
+    stream.send(dialog_init("d-1"), segment_start("c"))
+    await until(lambda: ("d-1" in str(d.registry.dialogs)) and ("flush",) in calls_of(d))
+    d.registry.fail_flush = True
+    stream.close()
+    code, details = await deferToThread(stream.result, 10.0)
+    assert code == grpc.StatusCode.INTERNAL and "spool" in details
+    assert calls_of(d)[-1] == ("closed", True)
+    assert d.registry.dialogs[("acc-1", "d-1")].errors[-1] == "the recorder cannot write to its spool"
+    assert d.metrics.grpc_closed["INTERNAL"] == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_malformed_and_oversized_messages(door):
     """Bytes that are no StreamEvent: INVALID_ARGUMENT; a message over the limit: RESOURCE_EXHAUSTED."""
     d = door()
