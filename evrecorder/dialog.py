@@ -132,6 +132,9 @@ class Dialog(Recording):
         self._running = 0  # segments started and not stopped
         self._last_closed_normally = False
         self._last_closed_at = connected_at
+        # The latest stream end by its time, (at, normally): a stream relayed
+        # from a sibling process reports its end a moment after it happened.
+        self._latest_close: tuple[float, bool] | None = None
         self.streams_joined = 0
         # Counted here, plain ints by channel: the metrics read them at
         # scrape time and take them in when the dialog ends.
@@ -176,9 +179,12 @@ class Dialog(Recording):
         self._write_stream_end(stream, at, reason, detail)
         now = self._clock.seconds()
         self._last_activity = now
+        if self._latest_close is None or at >= self._latest_close[0]:
+            self._latest_close = (at, not cancelled)
         if not self._streams and not self.ended:
-            self._last_closed_normally = not cancelled
-            self._last_closed_at = at
+            # The stream that ended last decides, by when it ended (not by
+            # when this process heard of it).
+            self._last_closed_at, self._last_closed_normally = self._latest_close
             self._detached_at = now
             self._schedule()
 

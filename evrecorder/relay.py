@@ -76,6 +76,13 @@ _ACK = struct.Struct(">Q")
 #: Messages relayed and not acknowledged after which the owner counts as hung
 #: (10 s of both perspectives).
 MAX_UNACKED = 1000
+#: Seconds the oldest unacknowledged message may wait before the owner counts
+#: as hung: a gRPC stream sends a tenth of a WebSocket's messages, and a
+#: connection that is done sends none, so a count alone would wait too long.
+ACK_TIMEOUT_SECONDS = 10.0
+#: The methods that carry audio: a take-over of a finished connection with
+#: none of these unconfirmed would make an empty recording.
+_MEDIA_METHODS = frozenset(("media", "segment_media"))
 _INDEX = {p: i for i, p in enumerate(PERSPECTIVES)}
 _DIALOG_KINDS = frozenset((b"D", b"g", b"m", b"i", b"p", b"c"))
 _JOINS = frozenset((b"J", b"D"))
@@ -364,9 +371,11 @@ class _Remote:
         self._local = None  # the recording here, once the owner is gone
         self._ended = False
         self._closing = False  # the connection is done: the relay closes once all is confirmed
-        self._unacked: deque = deque()  # (method, args) sent, not yet on the owner's disk
+        # (method, args, sent at): sent, not yet on the owner's disk
+        self._unacked: deque = deque()
         self._sent = 0  # messages after the join
         self._hung = False  # the owner stopped confirming: do not go back to it
+        self._ack_timer = None  # a done connection's wait for the last confirmation
 
     @property
     def ended(self) -> bool:
@@ -406,18 +415,30 @@ class _Remote:
         client = self._client
         if client is None or client.transport is None:
             return
-        self._unacked.append((method, args))
+        now = self.registry.clock.seconds()
+        unacked = self._unacked
+        unacked.append((method, args, now))
         if self._hung:
             return  # being taken over: kept for the replay
         self._sent += 1
         client.sendString(msg)
-        if len(self._unacked) > MAX_UNACKED:
-            log.warn(
-                "{what}: the process recording it has not confirmed {n} messages; taking "
-                "it over here", what=self._what(), n=len(self._unacked),
-            )
-            self._hung = True
-            client.transport.abortConnection()  # _relay_lost follows
+        if len(unacked) > MAX_UNACKED or now - unacked[0][2] > ACK_TIMEOUT_SECONDS:
+            self._owner_hung()
+
+    def _owner_hung(self) -> None:
+        """The owner stopped confirming: take the connection over here."""
+        log.warn(
+            "{what}: the process recording it has not confirmed {n} messages for "
+            "{seconds:.0f} s; taking it over here", what=self._what(), n=len(self._unacked),
+            seconds=self.registry.clock.seconds() - self._unacked[0][2],
+        )
+        self._hung = True
+        self._client.transport.abortConnection()  # _relay_lost follows
+
+    def _ack_overdue(self) -> None:
+        self._ack_timer = None
+        if self._unacked and self._client is not None and self._client.transport is not None:
+            self._owner_hung()
 
     def _acked(self, count: int) -> None:
         unacked = self._unacked
@@ -427,15 +448,29 @@ class _Remote:
             self._close_relay()
 
     def _done(self) -> None:
-        """The connection is done: close the relay once the owner confirmed all."""
+        """The connection is done: close the relay once the owner confirmed all.
+
+        Until then it counts as a call in progress (a drain waits for it), and
+        an owner that does not confirm within :data:`ACK_TIMEOUT_SECONDS` is
+        taken for hung."""
         self._closing = True
-        self.registry.remote_calls.discard(self)
         if not self._unacked:
+            self.registry.remote_calls.discard(self)
             self._close_relay()
+        elif self._ack_timer is None and not self._hung:
+            self._ack_timer = self.registry.clock.callLater(ACK_TIMEOUT_SECONDS,
+                                                            self._ack_overdue)
 
     def _close_relay(self) -> None:
+        self._cancel_ack_timer()
         if self._client is not None and self._client.transport is not None:
             self._client.transport.loseConnection()
+
+    def _cancel_ack_timer(self) -> None:
+        if self._ack_timer is not None:
+            if self._ack_timer.active():
+                self._ack_timer.cancel()
+            self._ack_timer = None
 
     # -- from the relay ----------------------------------------------------
 
@@ -456,15 +491,27 @@ class _Remote:
     def _relay_lost(self) -> None:
         self._client = None
         self.registry.remote_calls.discard(self)
+        self._cancel_ack_timer()
         if self._ended or self._local is not None or (self._closing and not self._unacked):
             return
         # The owner went away without ending the recording: it goes on from
         # here, with what the owner never confirmed.
-        unacked, self._unacked = list(self._unacked), deque()
+        unacked = [(method, args) for method, args, _ in self._unacked]
+        self._unacked = deque()
+        if self._closing and not any(method in _MEDIA_METHODS for method, _ in unacked):
+            # Only a Stop or an end: a recording of it here would hold no audio.
+            self._ended = True
+            log.warn(
+                "{what}: the process recording it is gone before it confirmed the end "
+                "({n} messages, no audio); its own recording is recovered from its spool",
+                what=self._what(), n=len(unacked),
+            )
+            return
         log.warn(
             "{what}: the process recording it is gone; it goes on from here ({n} "
             "unconfirmed messages replayed)", what=self._what(), n=len(unacked),
         )
+        replayed, todo = 0, unacked
         try:
             # A plain join: it claims the recording (the dead owner's claim is
             # free), or relays to whoever claimed it first.  From a hung owner,
@@ -472,19 +519,22 @@ class _Remote:
             # recording of its own: on disk here rather than in memory for
             # the owner.
             local = self._local = self._join_here()
-            for method, args in self._confirmed_state(unacked) + unacked:
+            todo = self._confirmed_state(unacked) + unacked
+            for method, args in todo:
                 if local.ended:
                     break
                 if method == "touch":
                     local.touch()
                 else:
                     getattr(local, method)(self.conn, *args)
+                replayed += 1
             self._flush_local(local)
             if self._closing:
                 self._finish_here(local)
         except (CallError, CallRejected) as e:
             code = e.code if isinstance(e, CallError) else CLOSE_CODES[e.kind]
-            self._take_over_failed(code, e.reason, len(unacked))
+            lost = min(len(unacked), len(todo) - replayed)
+            self._take_over_failed(code, e.reason, lost)
         except Exception:
             log.failure("{what}: taking it over failed", what=self._what())
             self._take_over_failed(1011, "internal error", None)
@@ -504,6 +554,10 @@ class _Remote:
         local, self._local = self._local, None
         self._ended = True
         if local is not None and not local.ended:
+            try:
+                self._flush_local(local)  # what was replayed before the failure is kept
+            except (CallRejected, OSError):
+                pass  # said where it failed; the recording's end writes what it can
             self._finish_here(local)
         if lost is not None:
             log.warn(
@@ -650,10 +704,16 @@ class RemoteDialog(_Remote):
 
     def _owner_ended(self, code: int, reason: str) -> None:
         kind = KIND_OF_CODE.get(code)
-        if kind is not None:
-            self.conn.refused(CallRejected(kind, reason))
-        else:
+        if kind is None:
             self.conn.end_call(code, reason)
+        elif getattr(self.conn, "done", False):
+            # The stream had already ended (its client had its answer): said here.
+            log.warn(
+                "{what}: the process recording it refused what the stream sent last, after "
+                "the stream ended: {reason}", what=self._what(), reason=reason,
+            )
+        else:
+            self.conn.refused(CallRejected(kind, reason))
 
     # -- the Dialog interface ----------------------------------------------
 

@@ -247,6 +247,24 @@ def test_normal_close_with_every_segment_stopped_waits_the_grace_then_stop(tmp_p
     assert d.end_reason == "stop" and d.complete and ended == [d]
 
 
+def test_the_stream_that_ended_last_by_its_time_decides_the_end(tmp_path):
+    """A relayed stream's normal end heard after a local stream's cancel, though it came
+    first: the dialog's last stream was cancelled, so "disconnect", ended at the cancel."""
+    clock, reg, ended = make_registry(tmp_path / "spool", reconnect_grace=1.0)
+    local, relayed = FakeConn(), FakeConn()
+    d = join(reg, local)
+    join(reg, relayed, session_id="s2")
+    d.segment_start(local, "c", CONTACT, None, None, T0)
+    d.segment_start(relayed, "a", AGENT, None, None, T0)
+    d.segment_stop(local, "c", T0)
+    d.segment_stop(relayed, "a", T0)
+    d.stream_closed(local, cancelled=True, at=T0 + 10.0)
+    d.stream_closed(relayed, cancelled=False, at=T0 + 9.99)  # heard a moment later
+    clock.advance(1.0)
+    assert d.end_reason == "disconnect" and ended == [d]
+    assert events(d)[-1]["at"] == T0 + 10.0
+
+
 def test_cancel_ends_disconnect_after_the_grace(tmp_path):
     """A cancelled stream with segments running: "disconnect", incomplete, after the grace."""
     clock, reg, ended = make_registry(tmp_path / "spool", reconnect_grace=10.0)

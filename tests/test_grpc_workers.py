@@ -183,6 +183,74 @@ async def test_a_hung_owner_is_taken_over_without_losing_chunks(recorder_factory
     assert taken["complete"] is True  # the segment started again there, and stopped
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_finished_relayed_stream_is_taken_over_when_the_owner_stops_confirming(
+        recorder_factory, monkeypatch):
+    """The relayed stream ends while the owner is hung: it sends nothing more, so no count
+    of messages can tell; after the acknowledgement timeout the tail is recorded here."""
+    from evrecorder import relay
+
+    monkeypatch.setattr(relay, "ACK_TIMEOUT_SECONDS", 0.5)
+    first = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3)
+    second = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3,
+                                    drain_timeout=5.0)
+    contact, agent = chunks(6, 69), chunks(12, 70)
+    c = contact_stream(first.grpc_port, "late-g1")
+    await until(lambda: first.service.registry.calls, what="the first recorder to own the dialog")
+    a = agent_stream(second.grpc_port, "late-g1")
+    a.send(*[media("a", i + 1, agent[i], session_id="s-2") for i in range(6)])
+    await until(lambda: len(first.service._relay_conns()) == 1, what="the relay")
+    await sleep(0.3)
+    [owned] = first.service._relay_conns()
+    owned.transport.stopReading()  # hung
+    a.send(*[media("a", i + 1, agent[i], session_id="s-2") for i in range(6, 12)],
+           segment_stop("a", session_id="s-2"))
+    a.close()
+    assert await deferToThread(a.result) == (grpc.StatusCode.OK, "")
+    assert second.service.registry.remote_calls  # a drain would wait for its tail
+    await until(lambda: second.service.registry.calls, what="the take-over")
+    assert not second.service.registry.remote_calls
+    owned.transport.startReading()
+    c.send(*[media("c", i + 1, contact[i]) for i in range(6)], segment_stop("c"))
+    c.close()
+    assert await deferToThread(c.result) == (grpc.StatusCode.OK, "")
+    sidecars = await first.archived(2)
+    assert_in_one_recording_or_both(sidecars, "a", 0, agent)
+    [taken] = [s for s in sidecars if not any(g["segmentId"] == "c" for g in s["segments"])]
+    assert taken["complete"] is True and [s["sessionId"] for s in taken["streams"]] == ["s-2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_empty_recording_when_only_the_end_was_unconfirmed(recorder_factory):
+    """The owner's relay breaks when only the stream's SegmentStop and end are unconfirmed:
+    no second, empty recording is made here; the owner's one holds every chunk."""
+    first = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3)
+    second = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3)
+    contact, agent = chunks(5, 71), chunks(5, 72)
+    c = contact_stream(first.grpc_port, "end-g1")
+    await until(lambda: first.service.registry.calls, what="the first recorder to own the dialog")
+    a = agent_stream(second.grpc_port, "end-g1")
+    a.send(*[media("a", i + 1, agent[i], session_id="s-2") for i in range(5)])
+    await until(lambda: len(first.service._relay_conns()) == 1, what="the relay")
+    await sleep(0.3)  # every chunk confirmed
+    [owned] = first.service._relay_conns()
+    owned.transport.stopReading()
+    a.send(segment_stop("a", session_id="s-2"))
+    a.close()
+    assert await deferToThread(a.result) == (grpc.StatusCode.OK, "")
+    owned.transport.abortConnection()  # the relay breaks before the end is confirmed
+    await until(lambda: not second.service.registry.remote_calls, what="the relay to close")
+    c.send(*[media("c", i + 1, contact[i]) for i in range(5)], segment_stop("c"))
+    c.close()
+    assert await deferToThread(c.result) == (grpc.StatusCode.OK, "")
+    [sidecar] = await first.archived()
+    await sleep(0.5)
+    assert len(await first.archived()) == 1 and not second.service.registry.calls
+    assert_segment_exact(sidecar, "a", 0, agent)
+    assert_segment_exact(sidecar, "c", 1, contact)
+    assert sidecar["complete"] is False  # the agent's stream never said its segment stopped
+
+
 # -- two twistd processes on one port ---------------------------------------------
 
 def _sidecars(tmp_path) -> list[dict]:
