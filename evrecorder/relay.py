@@ -478,14 +478,22 @@ class _Remote:
         if self._ended:
             return
         self._ended = True
+        if self._closing and code not in (1000, 1001):
+            # The connection had ended (its client had its answer): said here.
+            log.warn(
+                "{what}: the process recording it refused what was sent last, after the "
+                "connection ended: {reason}", what=self._what(), reason=reason,
+            )
+        elif not self._closing:
+            self._owner_ended(code, reason)
         self._closing = True
         self._unacked.clear()
         self.registry.remote_calls.discard(self)
-        self._owner_ended(code, reason)
         self._close_relay()
 
     def _owner_ended(self, code: int, reason: str) -> None:
-        """The owner ended the recording for this connection, or refused it."""
+        """The owner ended the recording for this connection, which is still open, or
+        refused what it sent."""
         self.conn.end_call(code, reason)
 
     def _relay_lost(self) -> None:
@@ -706,12 +714,6 @@ class RemoteDialog(_Remote):
         kind = KIND_OF_CODE.get(code)
         if kind is None:
             self.conn.end_call(code, reason)
-        elif getattr(self.conn, "done", False):
-            # The stream had already ended (its client had its answer): said here.
-            log.warn(
-                "{what}: the process recording it refused what the stream sent last, after "
-                "the stream ended: {reason}", what=self._what(), reason=reason,
-            )
         else:
             self.conn.refused(CallRejected(kind, reason))
 

@@ -94,6 +94,41 @@ def test_stale_relay_sockets_of_dead_processes_are_cleared(tmp_path):
 
 # -- spool locks ---------------------------------------------------------------
 
+def test_a_refusal_after_the_relayed_connection_ended_is_logged_not_closed_again():
+    """The owner refuses what a socket sent last, after the socket ended: nothing is
+    closed or counted again here; a warning says what was refused."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+    from twisted.logger import globalLogPublisher
+
+    from evrecorder.relay import RemoteCall
+
+    class Conn:
+        ended = []
+
+        def end_call(self, code, reason):
+            self.ended.append((code, reason))
+
+    registry = SimpleNamespace(clock=Clock(), remote_calls=set(),
+                               metrics=SimpleNamespace(closed=Counter()))
+    conn = Conn()
+    remote = RemoteCall(registry, conn, "c1", "1", {}, {}, 0.0)
+    remote._unacked.append(("media", (AGENT, 1, b"x", 0.0), 0.0))  # sent, not confirmed
+    remote._done()
+    assert registry.clock.getDelayedCalls()  # waits for the confirmation, not forever
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        remote._ended_by_owner(1007, "seq 1 is out of range")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert conn.ended == [] and registry.metrics.closed == Counter()
+    assert any("after the connection ended" in e.get("log_format", "") for e in seen)
+    assert not registry.clock.getDelayedCalls()
+
+
 def test_an_entry_is_held_by_one_process(tmp_path):
     mine, theirs = Spool(str(tmp_path)), Spool(str(tmp_path))
     mine.prepare()
