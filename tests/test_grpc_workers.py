@@ -190,7 +190,7 @@ async def test_a_finished_relayed_stream_is_taken_over_when_the_owner_stops_conf
     of messages can tell; after the acknowledgement timeout the tail is recorded here."""
     from evrecorder import relay
 
-    monkeypatch.setattr(relay, "ACK_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(relay, "ACK_TIMEOUT_SECONDS", 2.0)
     first = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3)
     second = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3,
                                     drain_timeout=5.0)
@@ -232,7 +232,9 @@ async def test_no_empty_recording_when_only_the_end_was_unconfirmed(recorder_fac
     a = agent_stream(second.grpc_port, "end-g1")
     a.send(*[media("a", i + 1, agent[i], session_id="s-2") for i in range(5)])
     await until(lambda: len(first.service._relay_conns()) == 1, what="the relay")
-    await sleep(0.3)  # every chunk confirmed
+    await until(lambda: [r._sent for r in second.service.registry.remote_calls] == [6]
+                and not any(r._unacked for r in second.service.registry.remote_calls),
+                what="every chunk confirmed")
     [owned] = first.service._relay_conns()
     owned.transport.stopReading()
     a.send(segment_stop("a", session_id="s-2"))
