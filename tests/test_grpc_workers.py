@@ -82,16 +82,24 @@ def assert_in_one_recording_or_both(sidecars: list[dict], segment_id: str, chann
         assert samples == independent_decode(sent[seq - 1]), (segment_id, seq)
 
 
+async def split_dialog(recorder_factory, dialog_id: str, **second_settings):
+    """Two recorders on one spool; the contact's stream on the first (which then owns
+    the dialog), the agent's on the second (which relays it)."""
+    first = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3)
+    second = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3,
+                                    **second_settings)
+    c = contact_stream(first.grpc_port, dialog_id)
+    await until(lambda: first.service.registry.calls, what="the first recorder to own the dialog")
+    a = agent_stream(second.grpc_port, dialog_id)
+    return first, second, c, a
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_dialog_whose_streams_reach_two_processes_is_one_recording(recorder_factory):
     """The contact's stream on one recorder, the agent's on another sharing its spool:
     one recording with both streams, both channels exact; the second relayed."""
-    first = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3)
-    second = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3)
     contact, agent = chunks(12, 61), chunks(10, 62)
-    c = contact_stream(first.grpc_port, "split-g1")
-    await until(lambda: first.service.registry.calls, what="the first recorder to own the dialog")
-    a = agent_stream(second.grpc_port, "split-g1")
+    first, second, c, a = await split_dialog(recorder_factory, "split-g1")
     c.send(*[media("c", i + 1, contact[i]) for i in range(12)], segment_stop("c"))
     a.send(*[media("a", i + 1, agent[i], session_id="s-2") for i in range(10)],
            segment_stop("a", session_id="s-2"))
@@ -116,12 +124,8 @@ async def test_a_dialog_whose_streams_reach_two_processes_is_one_recording(recor
 async def test_bad_input_on_a_relayed_stream_gets_the_owners_status(recorder_factory):
     """A relayed stream's chunk for a segment it never started ends that stream as it
     would on the owner (FAILED_PRECONDITION); the dialog stays exact and whole."""
-    first = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3)
-    second = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3)
     contact, agent = chunks(8, 63), chunks(8, 64)
-    c = contact_stream(first.grpc_port, "bad-g1")
-    await until(lambda: first.service.registry.calls, what="the first recorder to own the dialog")
-    a = agent_stream(second.grpc_port, "bad-g1")
+    first, second, c, a = await split_dialog(recorder_factory, "bad-g1")
     a.send(*[media("a", i + 1, agent[i], session_id="s-2") for i in range(8)],
            segment_stop("a", session_id="s-2"))
     bad = OpenStream(second.grpc_port)
@@ -151,12 +155,8 @@ async def test_a_hung_owner_is_taken_over_without_losing_chunks(recorder_factory
     from evrecorder import relay
 
     monkeypatch.setattr(relay, "MAX_UNACKED", 6)
-    first = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3)
-    second = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3)
     contact, agent = chunks(30, 65), chunks(30, 66)
-    c = contact_stream(first.grpc_port, "hung-g1")
-    await until(lambda: first.service.registry.calls, what="the first recorder to own the dialog")
-    a = agent_stream(second.grpc_port, "hung-g1")
+    first, second, c, a = await split_dialog(recorder_factory, "hung-g1")
     a.send(*[media("a", i + 1, agent[i], session_id="s-2") for i in range(5)])
     c.send(*[media("c", i + 1, contact[i]) for i in range(5)])
     await until(lambda: len(first.service._relay_conns()) == 1, what="the relay")
@@ -191,13 +191,8 @@ async def test_a_finished_relayed_stream_is_taken_over_when_the_owner_stops_conf
     from evrecorder import relay
 
     monkeypatch.setattr(relay, "ACK_TIMEOUT_SECONDS", 2.0)
-    first = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3)
-    second = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3,
-                                    drain_timeout=5.0)
     contact, agent = chunks(6, 69), chunks(12, 70)
-    c = contact_stream(first.grpc_port, "late-g1")
-    await until(lambda: first.service.registry.calls, what="the first recorder to own the dialog")
-    a = agent_stream(second.grpc_port, "late-g1")
+    first, second, c, a = await split_dialog(recorder_factory, "late-g1", drain_timeout=5.0)
     a.send(*[media("a", i + 1, agent[i], session_id="s-2") for i in range(6)])
     await until(lambda: len(first.service._relay_conns()) == 1, what="the relay")
     await sleep(0.3)
@@ -224,12 +219,8 @@ async def test_a_finished_relayed_stream_is_taken_over_when_the_owner_stops_conf
 async def test_no_empty_recording_when_only_the_end_was_unconfirmed(recorder_factory):
     """The owner's relay breaks when only the stream's SegmentStop and end are unconfirmed:
     no second, empty recording is made here; the owner's one holds every chunk."""
-    first = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3)
-    second = await recorder_factory(subdir="shared", grpc_listen=True, reconnect_grace=0.3)
     contact, agent = chunks(5, 71), chunks(5, 72)
-    c = contact_stream(first.grpc_port, "end-g1")
-    await until(lambda: first.service.registry.calls, what="the first recorder to own the dialog")
-    a = agent_stream(second.grpc_port, "end-g1")
+    first, second, c, a = await split_dialog(recorder_factory, "end-g1")
     a.send(*[media("a", i + 1, agent[i], session_id="s-2") for i in range(5)])
     await until(lambda: len(first.service._relay_conns()) == 1, what="the relay")
     await until(lambda: [r._sent for r in second.service.registry.remote_calls] == [6]
