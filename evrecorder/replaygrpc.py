@@ -232,6 +232,11 @@ def _events(dialog_id: str, session_id: str, channels: dict[str, bytes], rate: i
                                   segment_stop=pb.SegmentStopEvent(segment_id=seg_id))
 
 
+#: What grpcio's asyncio client says in place of the server's status when a
+#: write fails because the server already ended the stream.
+_MASKED = "Internal error from Core"
+
+
 async def _one(channel, dialog_id: str, channels, rate, options: GrpcOptions) -> DialogResult:
     session_id = options.session_id or uuid.uuid4().hex[:16]
     result = DialogResult(dialog_id, session_id)
@@ -254,6 +259,12 @@ async def _one(channel, dialog_id: str, channels, rate, options: GrpcOptions) ->
     except grpc.aio.AioRpcError as e:
         result.code = e.code().name
         result.details = e.details() or ""
+        if e.code() == grpc.StatusCode.INTERNAL and result.details == _MASKED:
+            # grpcio's asyncio client (grpc/grpc#36066) reports this, not the
+            # server's status, when the server ended the stream while events
+            # were still being written to it: a refusal, most often.
+            result.details += (" (the recorder ended the stream while events were being sent; "
+                               "its log says why, e.g. a wrong --token)")
     result.elapsed = time.monotonic() - started
     return result
 

@@ -87,9 +87,12 @@ async def test_replay_grpcs_with_token_ca_calls_and_connections(recorder_factory
     assert sorted(s["callId"] for s in sidecars) == ["tls-1", "tls-2", "tls-3"]
     for sidecar in sidecars:
         assert read_pcm16_wav(sidecar["_wav"]) == (left, right)
-    status, text = await replay([str(tmp_path / "call.wav"), url, "--ca", cert, "--token", "nope",
-                                 "--flood"])
-    assert status == 1 and "ended UNAUTHENTICATED" in text
+    # In real time, so the refusal normally arrives before the second event is written:
+    # grpcio's asyncio client masks the server's status as INTERNAL when a write fails
+    # after it (grpc/grpc#36066); the replay then says so instead of hiding it.
+    status, text = await replay([str(tmp_path / "call.wav"), url, "--ca", cert, "--token", "nope"])
+    assert status == 1, text
+    assert "ended UNAUTHENTICATED" in text or "its log says why, e.g. a wrong --token" in text, text
 
 
 @pytest_twisted.ensureDeferred
