@@ -403,6 +403,83 @@ async def test_two_processes_share_a_port_and_keep_split_calls_whole(tmp_path):
             p.wait(timeout=30)
 
 
+def assert_every_frame_in_a_recording(paths: list[str], sent: dict) -> list[str]:
+    """Every frame sent (perspective -> frames) is in one of the recordings or both,
+    exact, placed by its sequenceId; returns their endReasons."""
+    got = {perspective: {} for perspective in sent}
+    reasons = []
+    for path in paths:
+        with open(path) as f:
+            side = json.load(f)
+        reasons.append(side["endReason"])
+        left, right = read_pcm16_wav(path[:-5] + ".wav")
+        for perspective, samples in ((AGENT, left), (CALLER, right)):
+            p = side["perspectives"][perspective]
+            if perspective in got and p["frames"]:
+                first = int(p["firstSequenceId"])
+                for k in range(p["frames"]):
+                    at = p["offsetSamples"] + k * 160
+                    got[perspective][first + k] = samples[at:at + 160]
+    for perspective, frames_sent in sent.items():
+        assert sorted(got[perspective]) == list(range(1, len(frames_sent) + 1)), perspective
+        for seq, samples in got[perspective].items():
+            assert samples == independent_decode(frames_sent[seq - 1]), (perspective, seq)
+    return reasons
+
+
+@pytest_twisted.ensureDeferred
+async def test_owner_killed_as_a_relayed_socket_closes_loses_no_audio(tmp_path):
+    """kill -9 of the owner after a relayed socket sent its last frames and Stop and
+    closed, before the owner confirmed them: the relaying process records that tail."""
+    port_a, port_b = free_port(), free_port()
+    grace = ("--reconnect-grace", "1")
+    proc_a = start_twistd(tmp_path, port_a, "a", *grace)
+    proc_b = start_twistd(tmp_path, port_b, "b", *grace)
+    procs = [proc_a, proc_b]
+    logs = [tmp_path / f"{name}.log" for name in ("a", "b", "a-again")]
+    try:
+        await until(lambda: listening(port_a) and listening(port_b), what="both recorders",
+                    logs=logs)
+        agent, caller = frames(20, 92), frames(30, 93)
+        a, b = await split_call(port_a, port_b, "tail-1", agent, caller[:20])
+
+        def frames_in_spool(perspective):
+            return sum(spooled_frames(entry, perspective)
+                       for entry in glob.glob(str(tmp_path / "spool" / "calls" / "*")))
+
+        await until(lambda: frames_in_spool(AGENT) == 20 and frames_in_spool(CALLER) == 20,
+                    what="the first frames in the owner's spool", logs=logs)
+        proc_a.send_signal(signal.SIGSTOP)
+        for i in range(20, 30):
+            b.send(media(CALLER, i + 1, caller[i]))
+        b.send(stop())
+        await sleep(0.2)
+        b.close()  # the caller's socket is done; its tail is not confirmed
+        await sleep(0.3)
+        proc_a.send_signal(signal.SIGKILL)
+        proc_a.wait(timeout=10)
+        proc_a = start_twistd(tmp_path, port_a, "a-again", *grace)
+        procs.append(proc_a)
+
+        def sidecars():
+            return sorted(glob.glob(str(tmp_path / "archive" / "**" / "*.json"), recursive=True))
+
+        await until(lambda: len(sidecars()) >= 2, timeout=60,
+                    what="the recovered recording and the relayed tail's", logs=logs)
+        await sleep(0.5)
+        assert len(sidecars()) == 2
+        reasons = assert_every_frame_in_a_recording(sidecars(), {AGENT: agent, CALLER: caller})
+        assert sorted(reasons) == ["recovered", "stop"]  # the tail had its Stop
+        assert "unconfirmed messages replayed" in (tmp_path / "b.log").read_text()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=30)
+
+
 @pytest_twisted.ensureDeferred
 async def test_owner_killed_mid_call_loses_no_audio(tmp_path):
     """kill -9 of the process recording a split call: the relayed perspective
@@ -457,25 +534,8 @@ async def test_owner_killed_mid_call_loses_no_audio(tmp_path):
                     logs=[tmp_path / f"{name}.log" for name in ("a", "b", "a-again")])
         await sleep(0.5)
         assert len(sidecars()) == 2
-        got = {AGENT: {}, CALLER: {}}
-        reasons = []
-        for path in sidecars():
-            with open(path) as f:
-                side = json.load(f)
-            reasons.append(side["endReason"])
-            left, right = read_pcm16_wav(path[:-5] + ".wav")
-            for perspective, samples in ((AGENT, left), (CALLER, right)):
-                p = side["perspectives"][perspective]
-                if p["frames"]:
-                    first = int(p["firstSequenceId"])
-                    for k in range(p["frames"]):
-                        got[perspective][first + k] = samples[
-                            (p["offsetSamples"] + k * 160):(p["offsetSamples"] + (k + 1) * 160)]
+        reasons = assert_every_frame_in_a_recording(sidecars(), {AGENT: agent, CALLER: caller})
         assert "recovered" in reasons
-        for perspective, sent in ((AGENT, agent), (CALLER, caller)):
-            assert sorted(got[perspective]) == list(range(1, 41)), perspective
-            for seq, samples in got[perspective].items():
-                assert samples == independent_decode(sent[seq - 1]), (perspective, seq)
     finally:
         for p in procs:
             if p.poll() is None:
