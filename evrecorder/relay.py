@@ -358,7 +358,7 @@ class _Remote:
 
     What the connection sends is relayed and kept until the owner says it is
     on its disk.  If the owner dies (or hangs) first, the recording goes on
-    from this process (:meth:`_take_over`) with what it never confirmed.
+    from this process (:meth:`_relay_lost`) with what it never confirmed.
     Subclasses name the join message, the methods the door calls, and how
     to join the recording here.
     """
