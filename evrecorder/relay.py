@@ -51,6 +51,7 @@ Wire format: 32-bit length-prefixed messages, first byte the kind.
 
 from __future__ import annotations
 
+import abc
 import os
 import secrets
 import socket
@@ -353,7 +354,7 @@ class _Once(protocol.Factory):
         return self.proto
 
 
-class _Remote:
+class _Remote(abc.ABC):
     """A recording a sibling process records, as one front door's connection sees it.
 
     What the connection sends is relayed and kept until the owner says it is
@@ -385,15 +386,17 @@ class _Remote:
     def spool(self):
         return self._local.spool if self._local is not None else _NO_SPOOL
 
+    @abc.abstractmethod
     def _join_message(self) -> bytes:
-        raise NotImplementedError
+        """The relay's first message: the join, which the owner does not count."""
 
+    @abc.abstractmethod
     def _join_here(self):
         """Join the recording in this process (claiming it, or relaying anew)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _what(self) -> str:
-        raise NotImplementedError
+        """The recording and connection, as a log line names them."""
 
     def connect(self, address: str, reactor) -> None:
         """Open the relay; raises OSError when the owner cannot be reached."""
