@@ -130,10 +130,10 @@ class Dialog(Recording):
         self._streams: dict[Connection, _Stream] = {}
         self._segments: list[_Segment] = []
         self._running = 0  # segments started and not stopped
-        self._last_closed_normally = False
-        self._last_closed_at = connected_at
         # The latest stream end by its time, (at, normally): a stream relayed
-        # from a sibling process reports its end a moment after it happened.
+        # from a sibling process reports its end a moment after it happened,
+        # so the stream that ended last decides, not the last one heard of.
+        # Read only once every stream has closed, so never while None.
         self._latest_close: tuple[float, bool] | None = None
         self.streams_joined = 0
         # Counted here, plain ints by channel: the metrics read them at
@@ -182,9 +182,6 @@ class Dialog(Recording):
         if self._latest_close is None or at >= self._latest_close[0]:
             self._latest_close = (at, not cancelled)
         if not self._streams and not self.ended:
-            # The stream that ended last decides, by when it ended (not by
-            # when this process heard of it).
-            self._last_closed_at, self._last_closed_normally = self._latest_close
             self._detached_at = now
             self._schedule()
 
@@ -217,7 +214,7 @@ class Dialog(Recording):
         )
 
     def _grace_reason(self) -> str:
-        if self._last_closed_normally and not self._running:
+        if self._latest_close[1] and not self._running:
             return "stop"
         return "disconnect"
 
@@ -232,7 +229,7 @@ class Dialog(Recording):
         # Ended after the grace: the dialog ended when its last stream did
         # (the grace is the recorder's wait, not part of the call).
         if self._detached_at is not None and reason in ("stop", "disconnect"):
-            return self._last_closed_at
+            return self._latest_close[0]
         return self._clock.seconds()
 
     def _deadline_passed(self, reason: str) -> None:

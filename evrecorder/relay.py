@@ -550,6 +550,12 @@ class _Remote(abc.ABC):
             log.failure("{what}: taking it over failed", what=self._what())
             self._take_over_failed(1011, "internal error", None)
 
+    def touch(self) -> None:
+        """Activity (the idle timeout): a Connected message, an event the door does not know."""
+        if self._local is not None:
+            return self._local.touch()
+        self._send(b"T", "touch", ())
+
     def _confirmed_state(self, unacked: list) -> list:
         """What the connection set up before and the owner confirmed, which a
         recording joined anew here must be told first (none for a socket)."""
@@ -642,11 +648,6 @@ class RemoteCall(_Remote):
             return self._local.stop(conn, metadata, perspective)
         self._send(b"S" + orjson.dumps({"metadata": metadata, "perspective": perspective}),
                    "stop", (metadata, perspective))
-
-    def touch(self) -> None:
-        if self._local is not None:
-            return self._local.touch()
-        self._send(b"T", "touch", ())
 
     def detach(self, conn) -> None:
         if self._local is not None:
@@ -755,11 +756,6 @@ class RemoteDialog(_Remote):
         self._stops.setdefault(segment_id, (segment_id, at))
         self._send(b"p" + orjson.dumps({"segmentId": segment_id, "at": at}),
                    "segment_stop", (segment_id, at))
-
-    def touch(self) -> None:
-        if self._local is not None:
-            return self._local.touch()
-        self._send(b"T", "touch", ())
 
     def flush(self) -> None:
         if self._local is not None:
